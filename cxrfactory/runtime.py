@@ -1,0 +1,55 @@
+"""Starting or joining Ray, and turning user mistakes into clear exits, for the jobs.
+
+Jobs run two ways: ``python jobs/x.py`` on a laptop starts an embedded local Ray, and
+``ray job submit -- python jobs/x.py`` joins the cluster (``RAY_ADDRESS`` is set by the Jobs
+API). ``ray.init()`` without arguments does exactly that; resource overrides only apply when
+we start Ray ourselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from cxrfactory.labels import UnknownClassError
+from cxrfactory.shards import ManifestError, OutputConflictError
+from cxrfactory.storage import StorageError
+
+#: Errors that mean "the user gave something wrong": reported in one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UnknownClassError, ManifestError, OutputConflictError, StorageError, FileNotFoundError,
+    ValueError,
+)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` or start a local Ray; a no-op when already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    # Ray Data's per-operator progress bars are the progress a user watches.
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def run_job(main: Callable[[Sequence[str] | None], int | None],
+            argv: Sequence[str] | None = None) -> None:
+    """Run a job's ``main`` and exit: 0 on success, 2 with ``error: ...`` for bad input."""
+    try:
+        code = main(argv)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to complete what is missing",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxrfactory import shards
+from cxrfactory.storage import StorageError, check_writable, resolve
+
+
+def _rows(n, label="Mass", size=8):
+    rng = np.random.default_rng(0)
+    return [{
+        "image_id": f"{i:08d}_000.png",
+        "image": {"bytes": shards.encode_png(rng.integers(0, 256, (size, size), dtype=np.uint8)),
+                  "path": f"{i:08d}_000.png"},
+        "label": label, "findings": [label], "split": "train", "patient_id": i,
+        "source": "phantom", "seed": None, "generator": None, "height": size, "width": size,
+    } for i in range(n)]
+
+
+def test_png_round_trip_is_exact():
+    img = np.random.default_rng(1).integers(0, 256, (17, 23), dtype=np.uint8)
+    np.testing.assert_array_equal(shards.decode_png(shards.encode_png(img)), img)
+    with pytest.raises(ValueError):
+        shards.encode_png(img.astype(np.float32))
+
+
+def test_shard_schema_and_skipped_footer(tmp_path):
+    root = resolve(tmp_path)
+    loc = root.join(shards.shard_path("Mass", 0))
+    shards.write_shard(loc, shards.make_table(_rows(3)), skipped=[{"path": "x.png", "reason": "missing"}])
+    table = pq.read_table(loc.path)
+    assert table.schema.equals(shards.SCHEMA, check_metadata=False)
+    assert shards.shard_footer(loc) == (3, [{"path": "x.png", "reason": "missing"}])
+    assert shards.list_shards(root) == ["label=Mass/part-00000.parquet"]
+    # No temporary file is left next to the shard.
+    assert [p.name for p in (tmp_path / "label=Mass").iterdir()] == ["part-00000.parquet"]
+
+
+def test_manifest_is_trusted_only_when_its_shards_exist(tmp_path):
+    root = resolve(tmp_path)
+    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(2)))
+    m = shards.Manifest(source="phantom", classes=["Mass"], counts={"train": {"Mass": 2}},
+                        files=["label=Mass/part-00000.parquet", "label=Mass/part-00001.parquet"],
+                        extra={"fingerprint": "abc"})
+    shards.write_manifest(root, m)
+    with pytest.raises(shards.ManifestError, match="missing"):
+        shards.read_manifest(root)
+    back = shards.read_manifest(root, verify=False)
+    assert back.extra == {"fingerprint": "abc"} and back.counts == m.counts
+    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == 1
+
+
+def test_prepare_output_resumes_same_plan_and_refuses_another(tmp_path):
+    root = resolve(tmp_path / "out")
+    assert shards.prepare_output(root, {"a": 1}, overwrite=False) == {"complete": None, "existing": set()}
+    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(1)))
+    state = shards.prepare_output(root, {"a": 1}, overwrite=False)
+    assert state["existing"] == {"label=Mass/part-00000.parquet"}
+    with pytest.raises(shards.OutputConflictError, match="a: 1 -> 2"):
+        shards.prepare_output(root, {"a": 2}, overwrite=False)
+    assert shards.prepare_output(root, {"a": 2}, overwrite=True)["existing"] == set()
+
+
+def test_prepare_output_refuses_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(shards.OutputConflictError, match="not empty"):
+        shards.prepare_output(resolve(tmp_path), {"a": 1}, overwrite=False)
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_resolve_rejects_bad_uris():
+    with pytest.raises(StorageError, match="bucket"):
+        resolve("s3://")
+    with pytest.raises(StorageError, match="unsupported"):
+        resolve("gs://bucket/x")
+
+
+def test_unwritable_local_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot write"):
+        check_writable(resolve(blocker / "sub"))
+
+
+def test_s3_round_trip(s3_bucket, s3_endpoint):
+    root = resolve(f"{s3_bucket}/shards", s3_endpoint)
+    check_writable(root)
+    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(4)))
+    m = shards.Manifest(source="phantom", classes=["Mass"], counts={"train": {"Mass": 4}},
+                        files=["label=Mass/part-00000.parquet"])
+    shards.write_manifest(root, m)
+    assert shards.read_manifest(root).total() == 4
+    table = shards.read_shard(root.join("label=Mass/part-00000.parquet"))
+    assert table.num_rows == 4
+    assert shards.decode_png(table["image"][0]["bytes"].as_py()).shape == (8, 8)
+
+
+def test_s3_unreachable_endpoint_is_a_clear_error():
+    root = resolve("s3://bucket/x", "http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="S3 error"):
+        check_writable(root)
