@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.data.nih import IngestConfig, ingest  # noqa: E402
+from cxrfactory.data.nih import IngestConfig, check_source, ingest  # noqa: E402
 from cxrfactory.labels import DEFAULT_CLASSES  # noqa: E402
 from cxrfactory.runtime import init_ray, run_job  # noqa: E402
 
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         include_multilabel=args.include_multilabel, rows_per_file=args.rows_per_file,
         s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
     )
+    check_source(config.nih_root)
     init_ray()
     ingest(config)
     return 0

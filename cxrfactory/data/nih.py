@@ -253,15 +253,20 @@ def detect_source(root: Path) -> str:
     return "phantom" if (root / "phantom.json").is_file() else "nih"
 
 
+def check_source(nih_root: str) -> tuple[Path, Path]:
+    """Fail fast, before any work, when the input folder is not in NIH's layout."""
+    root = Path(nih_root).expanduser()
+    if not root.is_dir():
+        raise IngestError(f"--nih-root {root} is not a folder; point it at the unpacked "
+                          "ChestX-ray14 download (or a make_phantoms output)")
+    return root, find_metadata_csv(root)
+
+
 def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.Manifest:
     """Run the whole ingest; returns the manifest (also written to ``<out>/manifest.json``)."""
     import ray  # the only Ray use here: the parallel shard writer
 
-    root = Path(config.nih_root).expanduser()
-    if not root.is_dir():
-        raise IngestError(f"--nih-root {root} is not a folder; point it at the unpacked "
-                          "ChestX-ray14 download (or a make_phantoms output)")
-    csv_path = find_metadata_csv(root)
+    root, csv_path = check_source(config.nih_root)
     metadata = read_metadata(csv_path)
     images = find_images(root)
     if not images:
@@ -294,6 +299,7 @@ def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.M
     state = shards.prepare_output(out, identity, overwrite=config.overwrite)
     if state["complete"] is not None:
         log(f"[ingest] {out.uri} is already complete; nothing to do")
+        log(shards.format_count_table(state["complete"]))
         return state["complete"]
     todo = [t for t in tasks if t.path not in state["existing"]]
     log(f"[ingest] {len(tasks)} shard(s) planned, {len(tasks) - len(todo)} already written, "
