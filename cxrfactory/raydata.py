@@ -6,8 +6,12 @@ the ``label`` column comes from the files themselves, so hive partitioning is no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import ray
 from ray.data.expressions import col
 
@@ -43,8 +47,53 @@ def read_shards(
     paths = shard_uris(root, manifest, classes)
     if not paths:
         raise ValueError(f"{uri} lists no shard for classes {classes}")
+    # Ray 2.60's V2 Parquet datasource lists files in a ListFiles task whose reused worker
+    # fails with "cannot import name 'HTTPFileSystem'" when aiohttp is absent (the second
+    # read of a session); the V1 reader takes our explicit file list as given, and is faster.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(paths, filesystem=root.fs, partitioning=None,
                                columns=list(columns) if columns else None)
     if split is not None:
         ds = ds.filter(expr=col("split") == split)
     return ds, manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact, deterministic per-class subsets (FDD's --max-per-class, the classifier's synthetic mix)
+
+
+def stable_fraction(keys: Iterable[Any], salt: str) -> np.ndarray:
+    """A uniform number in [0, 1) per key, a function of ``(salt, key)`` alone."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}:{k}".encode(), digest_size=8).digest(),
+                                    "big") / 2.0**64 for k in keys], dtype=np.float64)
+
+
+def sample_thresholds(uri: str, *, split: str, available: Mapping[str, int],
+                      wanted: Mapping[str, int] | None, salt: str,
+                      s3_endpoint: str | None = None) -> dict[str, float]:
+    """Per class holding more rows than ``wanted``, the :func:`stable_fraction` of ``image_id``
+    at or below which exactly ``wanted`` rows fall (see :func:`keep_sampled`).
+
+    Reads only the ids of those classes: the choice is exact and the same on every run, at
+    the cost of one pass over a string column instead of a shuffle per class.
+    """
+    capped = [c for c, n in (wanted or {}).items() if n < available.get(c, 0)]
+    if not capped:
+        return {}
+    ds, _ = read_shards(uri, split=split, classes=capped, columns=["image_id", "label", "split"],
+                        s3_endpoint=s3_endpoint)
+    ids = ds.select_columns(["image_id", "label"]).to_pandas()
+    thresholds = {}
+    for label, group in ids.groupby("label"):
+        fractions = np.sort(stable_fraction(group["image_id"], salt))
+        thresholds[str(label)] = float(fractions[wanted[str(label)] - 1])
+    return thresholds
+
+
+def keep_sampled(batch: dict[str, np.ndarray], *, thresholds: Mapping[str, float],
+                 salt: str) -> dict[str, np.ndarray]:
+    """Ray Data stage: the rows whose ``image_id`` fraction is at or below their class's
+    threshold; a class without a threshold keeps every row."""
+    limit = np.array([thresholds.get(str(c), math.inf) for c in batch["label"]])
+    keep = stable_fraction(batch["image_id"], salt) <= limit
+    return {k: v[keep] for k, v in batch.items()}

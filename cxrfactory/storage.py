@@ -142,9 +142,9 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
         except OSError as exc:
             raise StorageError(_explain_s3(exc, loc)) from exc
         return
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -152,6 +152,9 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
         os.replace(tmp, loc.path)
     except OSError as exc:
         raise StorageError(f"cannot write {loc.uri}: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):  # only after a failure: a successful rename consumed it
+            os.unlink(tmp)
 
 
 def check_writable(loc: Location) -> None:

@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +35,7 @@ from torch import nn
 from torchvision.models.densenet import DenseNet
 
 from cxrfactory.labels import validate_classes
+from cxrfactory.storage import resolve
 
 __all__ = [
     "ClassifierArtifact",
@@ -344,17 +344,8 @@ class ClassifierArtifact(NamedTuple):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (temporary file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` whole or not at all (see :mod:`cxrfactory.storage`)."""
+    resolve(path).write_bytes(data)
 
 
 def save_classifier_artifact(
