@@ -1,0 +1,89 @@
+"""The results report: loss curves, FDD, samples, class balance and downstream utility in one page.
+
+    python jobs/report.py --out DIR [--run RUN_DIR] [--baseline-run RUN_DIR] [--real URI]
+        [--synthetic NAME=URI ...] [--fdd DIR] [--utility FILE] [--title T]
+        [--samples-per-class K] [--sample-split SPLIT] [--strict] [--s3-endpoint URL]
+
+Writes <out>/report.html (self-contained: figures inline, no external resources), <out>/report.md
+and the figures it references in <out>/figures/, then prints a short summary. Every input is
+optional, but at least one is needed; a section whose input is absent says so and names the flag
+that supplies it. --run is the proposed model's training run folder (<storage>/<run-name>),
+--baseline-run the cDCGAN's; --synthetic NAME=URI is repeatable and its order is Table 2's
+column order (e.g. --synthetic cDCGAN=... --synthetic proposed=...). A given input that does not
+exist is reported as missing (with --strict: an error); one of the wrong kind is an error.
+Needs no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxrfactory.report.report import (  # noqa: E402
+    DEFAULT_TITLE,
+    MAX_PER_CLASS,
+    SET_NAME,
+    ReportConfig,
+    write_report,
+)
+from cxrfactory.runtime import run_job  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder or s3:// URI")
+    p.add_argument("--run", default=None, metavar="RUN_DIR", help="the proposed model's training run folder")
+    p.add_argument("--baseline-run", default=None, metavar="RUN_DIR", help="the cDCGAN baseline's run folder")
+    p.add_argument("--real", default=None, metavar="URI", help="real shard folder or s3:// URI")
+    p.add_argument("--synthetic", action="append", default=[], metavar="NAME=URI",
+                   help="a synthetic shard set and its column name (repeatable, in column order)")
+    p.add_argument("--fdd", default=None, metavar="DIR", help="jobs/fdd.py output folder (or its fdd.json)")
+    p.add_argument("--utility", default=None, metavar="FILE", help="the downstream experiment's utility.json")
+    p.add_argument("--title", default=DEFAULT_TITLE, help="the report's heading")
+    p.add_argument("--samples-per-class", type=int, default=4, metavar="K",
+                   help=f"Table 2: images per class and source (1..{MAX_PER_CLASS}, default 4)")
+    p.add_argument("--sample-split", default="test", help="Table 2: the real split shown (default test)")
+    p.add_argument("--strict", action="store_true", help="a given input that does not exist is an error")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-compatible endpoint URL (else CXRF_S3_ENDPOINT / AWS)")
+    return p
+
+
+def parse_synthetic(items: list[str], parser: argparse.ArgumentParser) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        name, sep, uri = item.partition("=")
+        if not sep or not uri or not SET_NAME.match(name) or name == "real":
+            parser.error(f"--synthetic {item!r}: expected NAME=URI with a plain NAME other than "
+                         "'real' (letters, digits, . _ + -), e.g. --synthetic proposed=synth/ms")
+        pairs.append((name, uri))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        parser.error(f"--synthetic names must be unique, got {names}")
+    return tuple(pairs)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    synthetic = parse_synthetic(args.synthetic, parser)
+    if not any([args.run, args.baseline_run, args.real, synthetic, args.fdd, args.utility]):
+        parser.error("give at least one input: --run, --baseline-run, --real, --synthetic, --fdd or --utility")
+    if not 1 <= args.samples_per_class <= MAX_PER_CLASS:
+        parser.error(f"--samples-per-class must be 1..{MAX_PER_CLASS}, got {args.samples_per_class}")
+    config = ReportConfig(
+        out=args.out, run=args.run, baseline_run=args.baseline_run, real=args.real,
+        synthetic=synthetic, fdd=args.fdd, utility=args.utility, title=args.title,
+        samples_per_class=args.samples_per_class, sample_split=args.sample_split,
+        strict=args.strict, s3_endpoint=args.s3_endpoint,
+    )
+    result = write_report(config)
+    print("\n".join(result.summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,473 @@
+"""The results report: every section from small fixtures in the producers' own formats, inline
+images, the numbers of the inputs in the output, partial inputs, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from cxrfactory import shards
+from cxrfactory.config import Config
+from cxrfactory.labels import DEFAULT_CLASSES
+from cxrfactory.metrics.fdd import _add_means
+from cxrfactory.metrics.fdd_tables import write_outputs
+from cxrfactory.report.inputs import ReportInputError, first_images, load_shard_set
+from cxrfactory.report.plots import sample_grid_png
+from cxrfactory.report.render import Document, Paragraph, Section, Table, render_html
+from cxrfactory.report.report import ReportConfig, summary_lines, write_report
+from cxrfactory.report.utility_schema import UTILITY_SCHEMA, UtilityFormatError, validate_utility
+from cxrfactory.runtime import run_job
+from cxrfactory.storage import resolve
+from jobs import report as report_job
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("Cardiomegaly", "Effusion", "Pneumothorax")
+REAL_TRAIN = {"Cardiomegaly": 6, "Effusion": 3, "Pneumothorax": 2}  # imbalance 3.0 before
+REAL_TEST = 5
+TARGET = 8  # balancing target: after = 8 per class, imbalance 1.0
+SIDE = 16
+HEADINGS = ("Fig. 2 Loss curves", "Table 1 FDD", "Table 2 Samples", "Class balance", "Downstream utility")
+PROPOSED_SHA = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures in the producers' formats
+
+
+def write_run(root: Path, name: str, arch: str, branches: list[int], steps: int, sha: str | None) -> Path:
+    """A run folder as cxrfactory.training.loop leaves it (config.json, metrics.jsonl, samples/)."""
+    run = root / name
+    (run / "samples").mkdir(parents=True)
+    config = Config().to_dict()
+    config["model"]["arch"] = arch
+    (run / "config.json").write_text(json.dumps({"config": config, "classes": list(CLASSES),
+                                                 "run_name": name, "total_steps": steps}))
+    records = []
+    for step in range(1, steps + 1):
+        record = {"step": step, "epoch": 0, "images": 8 * step, "images_per_s": 50.0, "step_share": 0.9,
+                  "elapsed_s": float(step), "resolutions": branches, "d_collapsed": 0.0, "tau": 0.0}
+        for b in range(len(branches)):
+            record |= {f"d_loss_b{b}": 1.0 / step + b, f"d_uncond_b{b}": 0.5, f"d_cond_b{b}": 0.5}
+            if step % 2 == 0:  # G steps only every other interval, as with 5 D steps per G
+                record |= {f"g_loss_b{b}": 2.0 - 0.1 * step, f"g_uncond_b{b}": 1.0, f"g_cond_b{b}": 1.0}
+        record["d_loss"] = sum(record[f"d_loss_b{b}"] for b in range(len(branches)))
+        if step % 2 == 0:
+            record["g_loss"] = sum(record[f"g_loss_b{b}"] for b in range(len(branches)))
+        records.append(record)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    images = [torch.linspace(-1, 1, len(CLASSES) * 2 * r * r).reshape(-1, 1, r, r) for r in branches]
+    (run / "samples" / f"step-{steps:07d}.png").write_bytes(sample_grid_png(images, CLASSES, 2))
+    if sha:
+        (run / "generator").mkdir()
+        (run / "generator" / "sha256").write_text(sha + "\n")
+    return run
+
+
+def image_for(number: int) -> np.ndarray:
+    """A flat image whose grey level encodes its row number, to check which rows were chosen."""
+    return np.full((SIDE, SIDE), number % 256, dtype=np.uint8)
+
+
+def write_shards(root: Path, rows_by_class: dict[str, list[tuple[str, str, int]]], *,
+                 source: str, extra: dict | None = None) -> Path:
+    """Two files per class, rows deliberately out of image_id order; manifest last."""
+    loc, files, counts = resolve(root), [], {}
+    for label, rows in rows_by_class.items():
+        rows = sorted(rows, key=lambda r: -r[2])  # reverse order: the reader must sort
+        for k, part in enumerate((rows[::2], rows[1::2])):
+            table = shards.make_table([{
+                "image_id": image_id, "image": {"bytes": shards.encode_png(image_for(number)), "path": None},
+                "label": label, "findings": [label], "split": split,
+                "patient_id": None if source == "synthetic" else number, "source": source,
+                "seed": number if source == "synthetic" else None,
+                "generator": PROPOSED_SHA if source == "synthetic" else None,
+                "height": SIDE, "width": SIDE} for image_id, split, number in part])
+            path = shards.shard_path(label, k)
+            shards.write_shard(loc.join(path), table)
+            files.append(path)
+            for _, split, _ in part:
+                counts.setdefault(split, {}).setdefault(label, 0)
+                counts[split][label] += 1
+    shards.write_manifest(loc, shards.Manifest(source=source, classes=list(rows_by_class), counts=counts,
+                                               files=files, extra=extra or {}))
+    return root
+
+
+def real_rows() -> dict[str, list[tuple[str, str, int]]]:
+    rows, number = {}, 1
+    for label in CLASSES:
+        rows[label] = []
+        for split, n in (("train", REAL_TRAIN[label]), ("test", REAL_TEST)):
+            for _ in range(n):
+                rows[label].append((f"{number:05d}_000.png", split, number))
+                number += 1
+    return rows
+
+
+def synthetic_rows(offset: int) -> dict[str, list[tuple[str, str, int]]]:
+    return {label: [(f"syn-{label}-{offset + k * 10 + i}", "synthetic", offset + k * 10 + i)
+                    for i in range(TARGET - REAL_TRAIN[label])] for k, label in enumerate(CLASSES)}
+
+
+def plan_extra(sha: str) -> dict:
+    return {"generator": sha, "seed": 0, "target_per_class": TARGET, "resolution": SIDE,
+            "plan": [{"class": c, "real": REAL_TRAIN[c], "to_generate": TARGET - REAL_TRAIN[c]} for c in CLASSES],
+            "balance_against": {"uri": "shards/real", "split": "train"}}
+
+
+def fdd_result() -> dict:
+    """An fdd.json in run_fdd's format (means added by fdd.py's own helper)."""
+    def per_class(base: float) -> dict:
+        return {c: base + 1.25 * k for k, c in enumerate(CLASSES)}
+
+    result = {
+        "format": 1, "created": "2020-01-01T00:00:00+00:00", "metric": "FDD", "classes": list(CLASSES),
+        "classifier": {"path": "clf", "sha256": "c" * 64, "classes": list(DEFAULT_CLASSES),
+                       "feature_dim": 1024, "preprocessing": {"resolution": 64, "mean": 0.5, "std": 0.25,
+                                                              "grayscale": True}},
+        "sampling": {"max_per_class": 5},
+        "real": {"uri": "shards/real", "split": "test", "manifest_sha256": "d" * 64,
+                 "n": dict.fromkeys(CLASSES, 5), "n_halves": {c: [2, 3] for c in CLASSES},
+                 "class_consistency": {"Cardiomegaly": 0.9, "Effusion": 0.8, "Pneumothorax": None},
+                 "statistics": "cache/real.npz", "statistics_reused": False},
+        "floor": per_class(3.0),
+        "synthetic": {
+            "cDCGAN": {"uri": "synth/dc", "n": dict.fromkeys(CLASSES, 5), "fdd": per_class(41.5),
+                       "class_consistency": dict.fromkeys(CLASSES, 0.2)},
+            "proposed": {"uri": "synth/ms", "n": dict.fromkeys(CLASSES, 5), "fdd": per_class(17.125),
+                         "class_consistency": {"Cardiomegaly": 0.6, "Effusion": 0.4, "Pneumothorax": 0.8}},
+        },
+        "warnings": ["real (test): 3 class(es) with at most 5 images for 1024 feature dimensions"],
+    }
+    _add_means(result)
+    return result
+
+
+def utility_result() -> dict:
+    real = {"Cardiomegaly": 0.75, "Effusion": 0.7, "Pneumothorax": 0.6}
+    mixed = {"Cardiomegaly": 0.76, "Effusion": 0.68, "Pneumothorax": 0.67}
+    n_real = dict(REAL_TRAIN)
+    return {"classes": list(CLASSES),
+            "arms": {"real": {"auroc": real, "macro_auroc": float(np.mean(list(real.values()))), "n_train": n_real},
+                     "real+synthetic": {"auroc": mixed, "macro_auroc": float(np.mean(list(mixed.values()))),
+                                        "n_train": dict.fromkeys(CLASSES, TARGET)}},
+            "delta": {c: mixed[c] - real[c] for c in CLASSES},
+            "macro_delta": float(np.mean(list(mixed.values())) - np.mean(list(real.values()))),
+            "rare_classes": ["Pneumothorax"], "config": {"epochs": 3, "seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report_inputs")
+    fdd_dir = root / "fdd"
+    write_outputs(fdd_result(), resolve(fdd_dir))
+    (root / "utility.json").write_text(json.dumps(utility_result()))
+    return {
+        "run": write_run(root / "runs", "ms", "stackgan", [8, 16], 4, PROPOSED_SHA),
+        "baseline": write_run(root / "runs", "dc", "cdcgan", [16], 3, None),
+        "real": write_shards(root / "real", real_rows(), source="phantom"),
+        "cdcgan": write_shards(root / "syn_dc", synthetic_rows(500), source="synthetic", extra=plan_extra("ef" * 32)),
+        "proposed": write_shards(root / "syn_ms", synthetic_rows(100), source="synthetic",
+                                 extra=plan_extra(PROPOSED_SHA)),
+        "fdd": fdd_dir,
+        "utility": root / "utility.json",
+        "runs": root / "runs",
+    }
+
+
+def full_config(inputs: dict[str, Path], out: Path) -> ReportConfig:
+    return ReportConfig(out=str(out), run=str(inputs["run"]), baseline_run=str(inputs["baseline"]),
+                        real=str(inputs["real"]),
+                        synthetic=(("cDCGAN", str(inputs["cdcgan"])), ("proposed", str(inputs["proposed"]))),
+                        fdd=str(inputs["fdd"]), utility=str(inputs["utility"]), samples_per_class=3, tile_px=32)
+
+
+def text_of(html: str) -> str:
+    """The page's visible text, tags dropped (to find numbers in cells)."""
+    return re.sub(r"<[^>]+>", " ", re.sub(r'src="data:[^"]+"', "", html))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole report
+
+
+@pytest.fixture(scope="module")
+def full_report(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_out")
+    result = write_report(full_config(inputs, out), log=lambda line: None)
+    return out, result, (out / "report.html").read_text(), (out / "report.md").read_text()
+
+
+def test_every_section_is_present_in_both_renderings(full_report):
+    out, result, html, md = full_report
+    for heading in HEADINGS:
+        assert f">{heading}</h2>" in html
+        assert f"\n## {heading}\n" in md
+    assert result.missing == ()
+    assert "not given" not in html and "does not exist" not in md
+
+
+def test_html_is_self_contained_with_every_figure_inline(full_report):
+    out, result, html, md = full_report
+    figures = sorted((out / "figures").iterdir())
+    assert {f.name for f in figures} == {"fig2a-loss-proposed-model.png", "fig2b-loss-cdcgan-baseline.png",
+                                         "training-samples-proposed-model.png",
+                                         "training-samples-cdcgan-baseline.png",
+                                         "table2-samples.png", "class-balance.png"}
+    inline = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
+    assert sorted(base64.b64decode(data) for data in inline) == sorted(f.read_bytes() for f in figures)
+    for f in figures:
+        assert f"(figures/{f.name})" in md
+    # Nothing outside the file: no links, scripts, stylesheets or remote images.
+    assert not re.search(r"<(script|link)\b|src=\"(?!data:)|https?://(?!json-schema)", html)
+
+
+def test_fdd_table_holds_the_numbers_of_fdd_json(full_report):
+    _, _, html, md = full_report
+    fdd = fdd_result()
+    text = text_of(html)
+    for row_name, values in (("real vs real (floor)", fdd["floor"]),
+                             ("cDCGAN", fdd["synthetic"]["cDCGAN"]["fdd"]),
+                             ("proposed", fdd["synthetic"]["proposed"]["fdd"])):
+        line = next(line for line in md.splitlines() if line.startswith(f"| {row_name} | ") and "." in line)
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")][1:]
+        assert cells[:-1] == [f"{values[c]:.3f}" for c in CLASSES]
+        for c in CLASSES:
+            assert f"{values[c]:.3f}" in text
+    # The proposed set wins every class here, so its cells are bold and cDCGAN's are not.
+    assert f"<strong>{fdd['synthetic']['proposed']['fdd']['Effusion']:.3f}</strong>" in html
+    assert f"<strong>{fdd['synthetic']['cDCGAN']['fdd']['Effusion']:.3f}</strong>" not in html
+    # Class-consistency with chance = 1 / the classifier's 9 classes, an undefined cell as a dash.
+    assert "chance is 1/9 = 0.11" in md
+    consistency = next(line for line in md.splitlines() if line.startswith("| real (test) | 0.900"))
+    assert "| 0.800 | – | 0.850 |" in consistency
+    assert "| proposed | 0.600 | 0.400 | 0.800 | 0.600 |" in md
+    assert "lowest FDD in 3 of 3 classes" in md
+    assert fdd["warnings"][0] in md
+
+
+def test_balance_and_utility_tables(full_report):
+    _, _, _, md = full_report
+    header = next(line for line in md.splitlines() if line.startswith("| class | real train (before)"))
+    assert header.count("(after)") == 2
+    assert "| Effusion | 3 | 5 | 8 | 5 | 8 |" in md
+    assert "| total | 11 | 13 | 24 | 13 | 24 |" in md
+    assert re.search(r"\| imbalance \(max/min\) \| 3\.0 \| +\| 1\.0 \| +\| 1\.0 \|", md)
+    u = utility_result()
+    assert "| Pneumothorax † | 2 | 8 | 0.600 | 0.670 | +0.070 |" in md
+    assert "| Effusion | 3 | 8 | 0.700 | 0.680 | -0.020 |" in md
+    assert f"| macro | 11 | 24 | {u['arms']['real']['macro_auroc']:.3f} |" in md
+    assert "Rare classes: Pneumothorax +0.070." in md
+
+
+def test_runs_table_and_provenance(full_report):
+    _, _, html, md = full_report
+    # Final losses are the last record that has them (G is logged only every other record).
+    assert "| ms | proposed model | stackgan | 8/16 | 4/4 | 32 |" in md
+    last_d = 1.0 / 4 + 1.0 / 4 + 1  # branches 0 and 1 at step 4
+    assert f"| {last_d:.4f} | {(2.0 - 0.4) * 2:.4f} | – |" in md
+    assert "| dc | cDCGAN baseline | cdcgan | 16 | 3/3 |" in md
+    # The proposed synthetic set is recognised as made by the proposed run's generator.
+    assert f"generator `{PROPOSED_SHA[:12]}` (the proposed model run's)" in md
+
+
+def test_sample_table_takes_the_first_ids_of_the_split(inputs):
+    real = load_shard_set(resolve(inputs["real"]), "real", synthetic=False, flag="--real")
+    chosen = first_images(real, list(CLASSES), "test", 3)
+    rows = real_rows()
+    for label in CLASSES:
+        expected = sorted((image_id, n) for image_id, split, n in rows[label] if split == "test")[:3]
+        assert [int(img[0, 0]) for img in chosen.images[label]] == [n for _, n in expected]
+    few = first_images(real, ["Pneumothorax"], "train", 5)
+    assert len(few.images["Pneumothorax"]) == REAL_TRAIN["Pneumothorax"]
+
+
+# --------------------------------------------------------------------------------------------
+# Partial inputs
+
+
+def test_report_builds_from_a_single_input_and_says_what_is_missing(inputs, tmp_path):
+    result = write_report(ReportConfig(out=str(tmp_path), utility=str(inputs["utility"]),
+                                       fdd=str(tmp_path / "no-fdd-yet")), log=lambda line: None)
+    md, html = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for heading in HEADINGS:
+        assert f"## {heading}" in md and f">{heading}</h2>" in html
+    assert "FDD not run: --fdd" in md and "does not exist" in md
+    assert "No proposed-model run: pass --run RUN_DIR" in md
+    assert "No real shards: pass --real URI" in md
+    assert "No synthetic sets: pass --synthetic NAME=URI" in md
+    assert "| Pneumothorax † |" in md  # the one input given is shown in full
+    assert len(result.missing) == 5 and result.figures == ()
+    assert "data:image/png" not in html
+
+
+def test_strict_refuses_an_input_that_does_not_exist(tmp_path):
+    with pytest.raises(ReportInputError, match="does not exist"):
+        write_report(ReportConfig(out=str(tmp_path / "out"), fdd=str(tmp_path / "nope"), strict=True),
+                     log=lambda line: None)
+
+
+def test_synthetic_sets_without_real_shards_use_the_plan(inputs, tmp_path):
+    write_report(ReportConfig(out=str(tmp_path), synthetic=(("proposed", str(inputs["proposed"])),),
+                              tile_px=32), log=lambda line: None)
+    md = (tmp_path / "report.md").read_text()
+    assert "no --real given: the real counts are those proposed's plan recorded" in md.replace("No --real", "no --real")
+    assert "| Cardiomegaly | 6 | 2 | 8 |" in md
+    assert (tmp_path / "figures" / "table2-samples.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_inputs_and_output_on_s3(inputs, s3_bucket, s3_endpoint):
+    import pyarrow.fs as pafs
+
+    for name in ("real", "fdd"):
+        dest = resolve(f"{s3_bucket}/{name}", s3_endpoint)
+        pafs.copy_files(str(inputs[name]), dest.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=dest.fs)
+    result = write_report(ReportConfig(out=f"{s3_bucket}/report", real=f"{s3_bucket}/real", fdd=f"{s3_bucket}/fdd",
+                                       tile_px=32, s3_endpoint=s3_endpoint), log=lambda line: None)
+    out = resolve(f"{s3_bucket}/report", s3_endpoint)
+    assert out.list_files() == sorted(["report.html", "report.md", "figures/table2-samples.png",
+                                       "figures/class-balance.png"])
+    html = resolve(result.html, s3_endpoint).read_text()
+    assert ">Table 1 FDD</h2>" in html and html.count("data:image/png;base64,") == 2
+    assert f"{fdd_result()['floor']['Effusion']:.3f}" in html
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal summary
+
+
+def test_summary_lines_show_fdd_consistency_and_utility():
+    lines = summary_lines(fdd_result(), utility_result())
+    header, rows = lines[0], {line.split()[0]: line.split()[1:] for line in lines[1:len(CLASSES) + 2]}
+    assert header.split()[:3] == ["class", "FDD", "floor"]
+    fdd = fdd_result()
+    # floor, FDD cDCGAN, FDD proposed, cons. cDCGAN, cons. proposed, delta
+    assert rows["Effusion"] == [f"{fdd['floor']['Effusion']:.2f}", f"{fdd['synthetic']['cDCGAN']['fdd']['Effusion']:.2f}",
+                                f"{fdd['synthetic']['proposed']['fdd']['Effusion']:.2f}", "0.20", "0.40", "-0.020"]
+    assert rows["mean"][0] == f"{fdd['floor_mean']:.2f}"
+    assert any("chance 0.11" in line for line in lines)
+    macro = utility_result()["macro_delta"]
+    assert macro == pytest.approx(0.02)
+    assert any(f"Δ {macro:+.3f}" in line and "Pneumothorax +0.070" in line for line in lines)
+    assert summary_lines() == ["no FDD or downstream-utility results to summarise"]
+
+
+# --------------------------------------------------------------------------------------------
+# utility.json contract
+
+
+def test_utility_contract_accepts_the_agreed_schema_and_rejects_breaks():
+    good = utility_result()
+    jsonschema.validate(good, UTILITY_SCHEMA)
+    assert validate_utility(good)["delta"]["Pneumothorax"] == pytest.approx(0.07)
+    undefined = json.loads(json.dumps(good))
+    undefined["arms"]["real"]["auroc"]["Pneumothorax"] = math.nan  # as a producer may write it
+    undefined["delta"]["Pneumothorax"] = None
+    undefined = json.loads(json.dumps(undefined))  # NaN survives Python's json round trip
+    assert math.isnan(undefined["arms"]["real"]["auroc"]["Pneumothorax"])
+    assert validate_utility(undefined)["arms"]["real"]["auroc"]["Pneumothorax"] is None
+    no_arm = {**good, "arms": {"real": good["arms"]["real"]}}
+    text_auroc = json.loads(json.dumps(good))
+    text_auroc["arms"]["real"]["auroc"]["Effusion"] = "0.7"
+    for bad in (no_arm, text_auroc):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, UTILITY_SCHEMA)
+        with pytest.raises(UtilityFormatError):
+            validate_utility(bad)
+    fewer_counts = json.loads(json.dumps(good))
+    del fewer_counts["arms"]["real"]["n_train"]["Effusion"]  # display-only: allowed, shown as a dash
+    assert "Effusion" not in validate_utility(fewer_counts)["arms"]["real"]["n_train"]
+    wrong_delta = {**good, "delta": {**good["delta"], "Effusion": 0.5}}
+    jsonschema.validate(wrong_delta, UTILITY_SCHEMA)  # a schema cannot see this; the reader does
+    with pytest.raises(UtilityFormatError, match=r"delta\[Effusion\]"):
+        validate_utility(wrong_delta)
+
+
+def test_html_escapes_text():
+    doc = Document("<script>x</script>", "a & b", (Section("S", (
+        Paragraph("1 < 2 and `code` and **bold**"), Table("t", ("a", "b"), (("<i>", "3"),)))),))
+    html = render_html(doc)
+    assert "<script>x" not in html and "&lt;script&gt;x" in html
+    assert "1 &lt; 2 and <code>code</code> and <strong>bold</strong>" in html
+    assert "&lt;i&gt;" in html
+
+
+# --------------------------------------------------------------------------------------------
+# The job: bad input -> one clear line, exit status 2
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(report_job.main, argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not_a_run", "is not a training run folder"),
+    ("storage_instead_of_run", "it holds the run folder(s) dc, ms"),
+    ("artifact_instead_of_run", "is a generator artifact, not a training run folder"),
+    ("no_name", "expected NAME=URI"),
+    ("no_input", "give at least one input"),
+    ("real_as_synthetic", "not a synthetic set"),
+    ("synthetic_as_real", "is a synthetic set; pass it as --synthetic"),
+    ("bad_utility", "delta[Effusion]"),
+])
+def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    bad_utility = tmp_path / "utility.json"
+    bad_utility.write_text(json.dumps({**utility_result(), "delta": {**utility_result()["delta"], "Effusion": 9.0}}))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "generator").mkdir()
+    (tmp_path / "generator" / "config.json").write_text(json.dumps({"kind": "generator", "config": {}}))
+    argv = {
+        "not_a_run": ["--run", str(tmp_path / "empty")],
+        "storage_instead_of_run": ["--run", str(inputs["runs"])],
+        "artifact_instead_of_run": ["--run", str(tmp_path / "generator")],
+        "no_name": ["--synthetic", str(inputs["proposed"])],
+        "no_input": [],
+        "real_as_synthetic": ["--synthetic", f"x={inputs['real']}"],
+        "synthetic_as_real": ["--real", str(inputs["proposed"])],
+        "bad_utility": ["--utility", str(bad_utility)],
+    }[case]
+    code, err = run_cli(out + argv, capsys)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_cli_end_to_end(inputs, tmp_path):
+    """The real command line: exit 0, the summary printed, both files written."""
+    cmd = [sys.executable, str(REPO / "jobs" / "report.py"), "--out", str(tmp_path / "r"),
+           "--fdd", str(inputs["fdd"]), "--utility", str(inputs["utility"])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "FDD proposed" in done.stdout and "Downstream macro AUROC" in done.stdout
+    assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "report.md").exists()
+
+
+def test_config_validation():
+    with pytest.raises(ReportInputError, match="unique"):
+        ReportConfig(out="o", synthetic=(("a", "x"), ("a", "y")))
+    with pytest.raises(ReportInputError, match="samples per class"):
+        replace(ReportConfig(out="o", fdd="f"), samples_per_class=0)
