@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.expressions import col
 
@@ -90,10 +91,9 @@ def sample_thresholds(uri: str, *, split: str, available: Mapping[str, int],
     return thresholds
 
 
-def keep_sampled(batch: dict[str, np.ndarray], *, thresholds: Mapping[str, float],
-                 salt: str) -> dict[str, np.ndarray]:
-    """Ray Data stage: the rows whose ``image_id`` fraction is at or below their class's
-    threshold; a class without a threshold keeps every row."""
-    limit = np.array([thresholds.get(str(c), math.inf) for c in batch["label"]])
-    keep = stable_fraction(batch["image_id"], salt) <= limit
-    return {k: v[keep] for k, v in batch.items()}
+def keep_sampled(batch: pa.Table, *, thresholds: Mapping[str, float], salt: str) -> pa.Table:
+    """Ray Data stage (``batch_format="pyarrow"``): the rows whose ``image_id`` fraction is at
+    or below their class's threshold; a class without a threshold keeps every row."""
+    limit = np.array([thresholds.get(c, math.inf) for c in batch.column("label").to_pylist()])
+    keep = stable_fraction(batch.column("image_id").to_pylist(), salt) <= limit
+    return batch.filter(pa.array(keep, type=pa.bool_()))

@@ -1,0 +1,542 @@
+"""The synthetic dataset factory: class-balanced synthetic X-rays as Parquet shards, on Ray Data.
+
+    config = SynthesisConfig(generator="runs/demo/generator", out="s3://bucket/cxr-synth",
+                             target_per_class=20_000)
+    manifest = synthesize(config)
+
+How it runs:
+
+1. **Plan** (driver): per class ``N``, or ``N`` minus its real count in ``balance_against``
+   (never below 0), cut into work items, one per output file: ``(class, [start, stop))``.
+2. **Generate and write** (Ray Data): ``map_batches`` with :class:`ShardWriter`, an actor
+   holding the generator (on a GPU when the cluster has them), one work item per call: it
+   generates in batches, encodes PNGs and writes the file itself, atomically. One call per
+   file: files are whole or absent, and a rerun writes only the missing ones.
+3. **Manifest** (driver), last, with counts read back from the files' footers.
+
+Determinism (DESIGN "Seeds"): image ``i`` of class ``k`` has the seed
+``image_seed(run_seed, k, i)`` and its noise depends on that seed alone; a file's batches are
+cut from its own start, so the bytes depend on (generator, seed, rows per file, batch size) and
+never on the number of workers or the order they finish in. :func:`regenerate` remakes a row's
+image from its seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxrfactory import labels as L
+from cxrfactory import shards
+from cxrfactory.artifacts import GeneratorArtifact, load_generator_artifact
+from cxrfactory.config import Config
+from cxrfactory.models import build_generator
+from cxrfactory.models.sampling import generate
+from cxrfactory.storage import Location, check_readable, check_writable, resolve
+
+SOURCE = "synthetic"
+MIN_RESOLUTION = 8
+GPU_WORKER_MAX_CPUS = 8.0  # default CPUs (PNG encoding threads) of a GPU actor, at most
+
+
+class SynthesisError(ValueError):
+    """A synthesis request that cannot be carried out, with what to change."""
+
+
+@dataclass
+class SynthesisConfig:
+    """Everything that defines a synthesis run (the job's flags, one to one)."""
+
+    generator: str  # generator artifact folder: local path or s3:// URI
+    out: str  # shard root: local path or s3://bucket/prefix
+    target_per_class: int  # rows per class at the end (synthetic, or real + synthetic)
+    classes: tuple[str, ...] | None = None  # classes to make; None: the generator's whole vocabulary
+    balance_against: str | None = None  # real shard root: make N minus its count per class
+    split: str = "train"  # the split of balance_against that is counted
+    seed: int = 0  # run seed; image i of class k gets image_seed(seed, k, i)
+    batch_size: int = 64  # images per generator forward pass
+    rows_per_file: int = 1000  # rows per Parquet file
+    resolution: int | None = None  # output side in px (LANCZOS resize); None: the generator's own
+    workers: int = 1  # generator actors (Ray Data actor pool size)
+    gpus_per_worker: float = 0.0  # GPUs per actor when the cluster has GPUs (0: CPU actors)
+    cpus_per_worker: float | None = None  # CPUs per actor (torch and PNG threads); None: the cluster's CPUs shared by the actors (at most 8 with GPUs)
+    s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
+    overwrite: bool = False  # replace whatever the output holds
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+        checks = [
+            (self.target_per_class >= 1, f"--target-per-class must be positive, got {self.target_per_class}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.rows_per_file >= 1, f"--rows-per-file must be positive, got {self.rows_per_file}"),
+            (self.resolution is None or self.resolution >= MIN_RESOLUTION,
+             f"--resolution must be at least {MIN_RESOLUTION} px, got {self.resolution}"),
+            (self.workers >= 1, f"--workers must be positive, got {self.workers}"),
+            (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
+             f"--cpus-per-worker must be positive, got {self.cpus_per_worker}"),
+            (self.balance_against is not None or self.split == "train",
+             "--split only applies with --balance-against"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SynthesisError(message)
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """One row of the plan table: what a class gets."""
+
+    label: str
+    class_index: int  # position in the generator's vocabulary (the condition and the seed use it)
+    real: int  # real rows counted in balance_against's split (0 without it)
+    to_generate: int  # synthetic rows to make: max(0, target - real)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One output file: images ``[start, stop)`` of one class."""
+
+    path: str  # relative to the output root, label=<Class>/part-0000k.parquet
+    label: str
+    class_index: int
+    start: int
+    stop: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and images
+
+
+def image_seed(run_seed: int, class_index: int, image_index: int) -> int:
+    """The per-image seed: a stable 63-bit hash of ``(run seed, class index, image index)``.
+
+    sha256 of a canonical string rather than arithmetic, so seeds of neighbouring runs, classes
+    and indices share no structure, and the value is the same on every platform and version.
+    """
+    key = f"cxrfactory-image-seed:{int(run_seed)}:{int(class_index)}:{int(image_index)}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+def image_seeds(run_seed: int, class_index: int, start: int, stop: int) -> list[int]:
+    return [image_seed(run_seed, class_index, i) for i in range(start, stop)]
+
+
+def synthetic_image_id(label: str, seed: int) -> str:
+    """DESIGN's ``syn-<Class>-<seed>``."""
+    return f"syn-{label}-{seed}"
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 ``(H, W)`` -> ``(resolution, resolution)``, antialiased (PIL LANCZOS)."""
+    if image.shape == (resolution, resolution):
+        return image
+    return np.asarray(Image.fromarray(image, mode="L").resize((resolution, resolution),
+                                                              Image.Resampling.LANCZOS))
+
+
+def encode_image(image: np.ndarray, resolution: int) -> bytes:
+    """Generator output -> the stored PNG (resized first when ``resolution`` differs)."""
+    return shards.encode_png(resize_image(image, resolution))
+
+
+def synthetic_rows(label: str, seeds: Sequence[int], pngs: Sequence[bytes], resolution: int,
+                   generator_sha256: str) -> list[dict[str, Any]]:
+    """Rows of DESIGN's schema for generated images (PNG bytes, square ``resolution`` px)."""
+    findings = [] if label == "Normal" else [label]
+    rows = []
+    for seed, png in zip(seeds, pngs, strict=True):
+        image_id = synthetic_image_id(label, seed)
+        rows.append({
+            "image_id": image_id, "image": {"bytes": png, "path": f"{image_id}.png"},
+            "label": label, "findings": list(findings), "split": shards.SYNTHETIC_SPLIT,
+            "patient_id": None, "source": SOURCE, "seed": int(seed), "generator": generator_sha256,
+            "height": resolution, "width": resolution,
+        })
+    return rows
+
+
+def regenerate(row: dict[str, Any], artifact: GeneratorArtifact, *,
+               device: str | torch.device = "cpu") -> np.ndarray:
+    """Remake a synthetic row's image from its seed: uint8 ``(height, width)``.
+
+    ``row`` needs ``label``, ``seed``, ``generator``, ``height`` and ``width`` (a shard row as
+    read back). The image is made alone (a batch of one): on a CPU whose kernels do not depend
+    on the batch size (this project's: tested) it is the stored image bit for bit; on a GPU,
+    where they do, a pixel may differ by one grey level (under 1% of them, BENCHMARKS.md).
+    """
+    if row.get("seed") is None or row.get("generator") is None:
+        raise SynthesisError(f"row {row.get('image_id')!r} is not synthetic: it has no seed/generator")
+    if row["generator"] != artifact.sha256:
+        raise SynthesisError(f"row {row.get('image_id')!r} was made by generator "
+                             f"{row['generator'][:12]}…, not by this artifact ({artifact.sha256[:12]}…)")
+    index = L.class_index(row["label"], artifact.classes)
+    image = generate(artifact.generator, [index], [int(row["seed"])], device=device, batch_size=1)[0]
+    return resize_image(image, int(row["height"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def real_counts(uri: str, split: str, s3_endpoint: str | None = None) -> dict[str, int]:
+    """Rows per class of ``split`` in a real shard folder (from its manifest)."""
+    root = resolve(uri, s3_endpoint)
+    check_readable(root, "--balance-against folder")
+    manifest = shards.read_manifest(root)
+    if split not in manifest.counts:
+        raise SynthesisError(f"--balance-against {uri} has no split {split!r}; it holds "
+                             f"{', '.join(manifest.counts) or 'no rows'}")
+    return dict(manifest.counts[split])
+
+
+def plan_classes(classes: Sequence[str], vocabulary: Sequence[str], target: int,
+                 real: dict[str, int] | None = None) -> list[ClassPlan]:
+    """Per class (vocabulary order): real count and how many to make so real + synthetic = target."""
+    plan = []
+    for label in L.validate_classes(classes, vocabulary):
+        have = int((real or {}).get(label, 0))
+        plan.append(ClassPlan(label, L.class_index(label, vocabulary), have, max(0, target - have)))
+    return plan
+
+
+def plan_work(plan: Sequence[ClassPlan], rows_per_file: int) -> list[WorkItem]:
+    """One work item per output file: ``rows_per_file`` consecutive image indices of a class."""
+    items = []
+    for cls in plan:
+        for k, start in enumerate(range(0, cls.to_generate, rows_per_file)):
+            items.append(WorkItem(shards.shard_path(cls.label, k), cls.label, cls.class_index,
+                                  start, min(start + rows_per_file, cls.to_generate)))
+    return items
+
+
+def format_plan(plan: Sequence[ClassPlan], written: dict[str, int] | None = None) -> str:
+    """The plan table (class, real, to generate, total); with ``written``, the final summary."""
+    width = max([len(p.label) for p in plan] + [5])
+    third = "synthetic" if written is not None else "to generate"
+    header = f"{'class':<{width}} {'real':>9} {third:>11} {'total':>9}"
+    made = {p.label: p.to_generate if written is None else written.get(p.label, 0) for p in plan}
+    rows = [(p.label, p.real, made[p.label]) for p in plan]
+    rows.append(("total", sum(p.real for p in plan), sum(made.values())))
+    lines = [f"{label:<{width}} {real:>9} {n:>11} {real + n:>9}" for label, real, n in rows]
+    rule = "-" * len(header)
+    return "\n".join([header, rule, *lines[:-1], rule, lines[-1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Data stage
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class ShardWriter:
+    """Ray Data callable class: holds the generator, turns one work item into one shard file.
+
+    The weights come from the object store (the driver loaded and verified the artifact once),
+    so a local artifact path works on a multi-node cluster too. ``weights`` may also be the
+    state dict itself, to run the class in a plain process.
+    """
+
+    def __init__(self, *, weights: Any, config: dict[str, Any], generator_sha256: str, out: str,
+                 s3_endpoint: str | None, seed: int, resolution: int, batch_size: int,
+                 threads: int, use_gpu: bool) -> None:
+        # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this actor was given instead.
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if isinstance(weights, dict):
+            state = weights  # called in-process (tests, benchmarks)
+        else:
+            import ray
+
+            state = ray.get(weights)
+        net = build_generator(Config.from_dict(config))
+        net.load_state_dict(state)
+        self.generator = net.eval().to(self.device)
+        self.sha256 = generator_sha256
+        self.root = resolve(out, s3_endpoint)
+        self.seed, self.resolution, self.batch_size = seed, resolution, batch_size
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="png")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"path": [], "label": [], "rows": [], "seconds": [], "pid": [],
+                                "cpu_seconds": [], "peak_rss_mb": []}
+        for i in range(len(batch["path"])):  # one item per call (batch_size=1), but stay general
+            started = time.perf_counter()
+            path, label = str(batch["path"][i]), str(batch["label"][i])
+            rows = self.make_rows(label, int(batch["class_index"][i]), int(batch["start"][i]),
+                                  int(batch["stop"][i]))
+            shards.write_shard(self.root.join(path), shards.make_table(rows))
+            # cpu_seconds: this actor's CPU time so far (start-up included), for the benchmarks.
+            for key, value in (("path", path), ("label", label), ("rows", len(rows)),
+                               ("seconds", time.perf_counter() - started), ("pid", os.getpid()),
+                               ("cpu_seconds", time.process_time()), ("peak_rss_mb", peak_rss_mb())):
+                out[key].append(value)
+        return out
+
+    def make_rows(self, label: str, class_index: int, start: int, stop: int) -> list[dict[str, Any]]:
+        """Rows of images ``[start, stop)`` of a class, batches cut from ``start``.
+
+        PNG encoding (and resizing) runs on a thread pool while the generator makes the next
+        batch: PIL releases the GIL there, and on a GPU encoding one image costs several times
+        more than generating it (BENCHMARKS.md).
+        """
+        seeds = image_seeds(self.seed, class_index, start, stop)
+        pngs = []
+        for first in range(0, len(seeds), self.batch_size):
+            chunk = seeds[first:first + self.batch_size]
+            images = generate(self.generator, [class_index] * len(chunk), chunk, device=self.device,
+                              batch_size=len(chunk))  # (B, H, W) uint8
+            pngs += [self.pool.submit(encode_image, img, self.resolution) for img in images]
+        return synthetic_rows(label, seeds, [f.result() for f in pngs], self.resolution, self.sha256)
+
+
+def actor_resources(config: SynthesisConfig) -> dict[str, Any]:
+    """``num_cpus``, ``num_gpus`` and torch threads of each actor, from the cluster's resources.
+
+    GPU actors when asked for and the cluster has GPUs; otherwise CPU actors that share the
+    CPUs (fractions allowed, so more actors than CPUs still start instead of waiting forever).
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    node_cpus = max([n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or [1.0])
+    if config.gpus_per_worker > 0 and total.get("GPU", 0) > 0:
+        if config.gpus_per_worker * config.workers > total["GPU"]:
+            raise SynthesisError(f"{config.workers} workers x {config.gpus_per_worker} GPU exceed "
+                                 f"the cluster's {total['GPU']:g} GPU(s); lower --workers")
+        # The CPUs encode PNGs: on an H200 one thread keeps up with a fifth of the generator,
+        # eight with 0.7 of it (BENCHMARKS.md).
+        cpus = config.cpus_per_worker or min(GPU_WORKER_MAX_CPUS, node_cpus,
+                                             total.get("CPU", 1.0) / config.workers)
+        return {"num_cpus": cpus, "num_gpus": config.gpus_per_worker, "threads": max(1, int(cpus)),
+                "use_gpu": True}
+    cpus = config.cpus_per_worker or min(node_cpus, total.get("CPU", 1.0) / config.workers)
+    return {"num_cpus": cpus, "num_gpus": 0, "threads": max(1, int(cpus)), "use_gpu": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class PipelineStats:
+    """What the Ray pipeline of one invocation did (the files a resumed run skipped not included)."""
+
+    files: int
+    images: int
+    seconds: float  # wall time from submitting the pipeline to its last file (start-up included)
+    worker_seconds: float  # time the actors spent making files, summed over files
+    worker_cpu_seconds: float  # CPU time of the actor processes, start-up included, summed over actors
+    peak_worker_rss_mb: float  # the largest peak resident memory any generator actor reported
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class SynthesisRun:
+    """A validated, planned run whose output folder is ready: what :func:`run_synthesis` needs."""
+
+    config: SynthesisConfig
+    artifact: GeneratorArtifact
+    out: Location
+    resolution: int  # output side in px
+    plan: list[ClassPlan]  # per class, vocabulary order
+    items: list[WorkItem]  # every file of the finished dataset
+    todo: list[WorkItem]  # the files still missing
+    identity: dict[str, Any]  # what the output's fingerprint is made of
+    complete: shards.Manifest | None  # the manifest when the folder is already finished
+    stats: PipelineStats | None = None  # set by run_synthesis once the pipeline ran
+
+
+def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = print) -> SynthesisRun:
+    """Validate, plan, print the plan table and make the output ready (no Ray needed).
+
+    Every check on user input happens here, before the output is touched, so bad input leaves
+    nothing behind; an output holding another run's rows is refused unless ``overwrite``.
+    """
+    artifact = load_generator_artifact(config.generator, s3_endpoint=config.s3_endpoint)
+    classes = L.validate_classes(config.classes, artifact.classes)
+    resolution = config.resolution or artifact.resolution
+    real = None
+    if config.balance_against is not None:
+        real = real_counts(config.balance_against, config.split, config.s3_endpoint)
+    plan = plan_classes(classes, artifact.classes, config.target_per_class, real)
+    items = plan_work(plan, config.rows_per_file)
+    out = resolve(config.out, config.s3_endpoint)
+    check_writable(out)
+
+    log(f"[synthesize] generator {artifact.sha256[:12]}… ({artifact.resolution} px, "
+        f"{len(artifact.classes)} classes) -> {out.uri} at {resolution} px, seed {config.seed}")
+    if config.balance_against is not None:
+        log(f"[synthesize] balancing against {config.balance_against} split {config.split!r}: "
+            f"real + synthetic = {config.target_per_class} per class")
+    log(format_plan(plan))
+
+    # Batch size and worker count are not part of the identity: a run stopped on one machine
+    # may be completed on another with other batches and workers.
+    identity = {
+        "kind": "synthesize", "generator": artifact.sha256, "seed": config.seed,
+        "resolution": resolution, "rows_per_file": config.rows_per_file,
+        "classes": list(classes), "target_per_class": config.target_per_class,
+        "plan": [[p.label, p.real, p.to_generate] for p in plan],
+    }
+    if not config.overwrite:
+        _refuse_another_run(out, identity)
+    state = shards.prepare_output(out, identity, overwrite=config.overwrite)
+    todo = [item for item in items if item.path not in state["existing"]]
+    return SynthesisRun(config, artifact, out, resolution, plan, items, todo, identity,
+                        state["complete"])
+
+
+def _refuse_another_run(out: Location, identity: dict[str, Any]) -> None:
+    """Say what differs (generator, seed, ...) when ``out`` holds another finished run.
+
+    :func:`shards.prepare_output` refuses such a folder too, but without naming the difference;
+    the identity of the run that made the folder is still in its ``_plan.json``.
+    """
+    plan_loc = out.join(shards.PLAN_NAME)
+    if not (out.join(shards.MANIFEST_NAME).exists() and plan_loc.exists()):
+        return
+    previous = json.loads(plan_loc.read_text())
+    if previous.get("fingerprint") != shards.fingerprint(identity):
+        raise shards.OutputConflictError(
+            f"{out.uri} already holds a finished dataset made with other settings "
+            f"({shards._describe_difference(previous.get('identity', {}), identity)}); "
+            "choose another output or pass --overwrite to replace it")
+
+
+def run_synthesis(run: SynthesisRun, *, log: Callable[[str], None] = print,
+                  stop_after_files: int | None = None) -> shards.Manifest | None:
+    """Write the missing files on Ray Data, then the manifest; returns the manifest.
+
+    ``stop_after_files`` writes only that many of the missing files and returns None without a
+    manifest, as a stopped run would (tests and benchmarks use it).
+    """
+    if run.complete is not None:
+        log(f"[synthesize] {run.out.uri} is already complete; nothing to do")
+        log(format_plan(run.plan, written=run.complete.class_counts(shards.SYNTHETIC_SPLIT)))
+        return run.complete
+    log(f"[synthesize] {len(run.items)} file(s) planned, {len(run.items) - len(run.todo)} "
+        f"already written, {len(run.todo)} to write")
+    todo = run.todo if stop_after_files is None else run.todo[:stop_after_files]
+    if todo:
+        run.stats = _run_pipeline(run, todo, log)
+    if stop_after_files is not None:
+        return None
+
+    manifest = _manifest_from_shards(run)
+    shards.write_manifest(run.out, manifest)
+    log(f"[synthesize] {run.out.uri}: {manifest.total()} synthetic images in {len(run.items)} file(s)")
+    log(format_plan(run.plan, written=manifest.class_counts(shards.SYNTHETIC_SPLIT)))
+    return manifest
+
+
+def synthesize(config: SynthesisConfig, *, log: Callable[[str], None] = print,
+               stop_after_files: int | None = None) -> shards.Manifest | None:
+    """:func:`prepare_synthesis` then :func:`run_synthesis` (Ray must be up, or starts locally)."""
+    return run_synthesis(prepare_synthesis(config, log=log), log=log,
+                         stop_after_files=stop_after_files)
+
+
+def _run_pipeline(run: SynthesisRun, todo: list[WorkItem], log: Callable[[str], None]) -> PipelineStats:
+    """Write the files of ``todo`` with a Ray Data actor pool, logging each finished file."""
+    import ray
+
+    config, artifact, out = run.config, run.artifact, run.out
+    res = actor_resources(config)
+    if config.gpus_per_worker > 0 and not res["use_gpu"]:
+        log("[synthesize] the cluster has no GPU: running the generator on CPU actors")
+    weights = ray.put({k: v.detach().cpu() for k, v in artifact.generator.state_dict().items()})
+    ds = ray.data.from_items([asdict(item) for item in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        ShardWriter,
+        fn_constructor_kwargs={
+            "weights": weights, "config": artifact.config.to_dict(),
+            "generator_sha256": artifact.sha256, "out": out.uri, "s3_endpoint": out.s3_endpoint,
+            "seed": config.seed, "resolution": run.resolution, "batch_size": config.batch_size,
+            "threads": res["threads"], "use_gpu": res["use_gpu"],
+        },
+        batch_size=1,
+        batch_format="numpy",
+        # Files are seconds of work each: queueing two per actor hides the scheduling gap
+        # without letting one actor hoard the tail of the plan.
+        compute=ray.data.ActorPoolStrategy(size=config.workers, max_tasks_in_flight_per_actor=2),
+        num_cpus=res["num_cpus"],
+        num_gpus=res["num_gpus"] or None,
+    )
+    total = sum(item.stop - item.start for item in todo)
+    done_files, done_rows, busy, peak_rss = 0, 0, 0.0, 0.0
+    cpu_by_actor: dict[int, float] = {}
+    started = time.perf_counter()
+    log(f"[synthesize] {config.workers} {'GPU' if res['use_gpu'] else 'CPU'} worker(s), "
+        f"{res['num_cpus']:g} CPU(s) and {res['threads']} thread(s) each; {total} images to make")
+    for summary in ds.iter_rows():
+        done_files += 1
+        done_rows += int(summary["rows"])
+        elapsed = time.perf_counter() - started
+        busy += float(summary["seconds"])
+        peak_rss = max(peak_rss, float(summary["peak_rss_mb"]))
+        pid = int(summary["pid"])
+        cpu_by_actor[pid] = max(cpu_by_actor.get(pid, 0.0), float(summary["cpu_seconds"]))
+        log(f"[synthesize] {done_files}/{len(todo)} files, {done_rows}/{total} images "
+            f"({100 * done_rows / total:.0f}%), {done_rows / elapsed:.1f} images/s: "
+            f"{summary['path']}")
+    stats = PipelineStats(done_files, done_rows, time.perf_counter() - started, busy,
+                          sum(cpu_by_actor.values()), peak_rss)
+    log(f"[synthesize] made {stats.images} images in {stats.seconds:.1f}s "
+        f"({stats.images_per_second:.1f} images/s; actors busy {busy:.1f}s, "
+        f"{stats.worker_cpu_seconds:.1f} CPU-s); peak actor memory {peak_rss:.0f} MiB")
+    return stats
+
+
+def _manifest_from_shards(run: SynthesisRun) -> shards.Manifest:
+    """Counts come from the files' footers, so the manifest states exactly what exists."""
+    config, out, plan, items = run.config, run.out, run.plan, run.items
+    counts = {p.label: 0 for p in plan}
+    for item in items:
+        loc = out.join(item.path)
+        if not loc.exists():
+            raise SynthesisError(f"{loc.uri} was not written; run the same command again")
+        rows, _ = shards.shard_footer(loc)
+        if rows != item.stop - item.start:
+            raise SynthesisError(f"{loc.uri} holds {rows} rows where the plan has "
+                                 f"{item.stop - item.start}; it was not written by this run "
+                                 "(pass --overwrite to start over)")
+        counts[item.label] += rows
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    return shards.Manifest(
+        source=SOURCE,
+        classes=[p.label for p in plan],
+        counts={shards.SYNTHETIC_SPLIT: counts},
+        files=[item.path for item in items],
+        config=cfg,
+        extra={
+            "generator": run.artifact.sha256, "generator_uri": config.generator,
+            "seed": config.seed, "target_per_class": config.target_per_class,
+            "resolution": run.resolution,
+            "plan": [{"class": p.label, "real": p.real, "to_generate": p.to_generate} for p in plan],
+            "balance_against": (None if config.balance_against is None
+                                else {"uri": config.balance_against, "split": config.split}),
+            "fingerprint": shards.fingerprint(run.identity),
+        },
+    )
