@@ -1,0 +1,128 @@
+"""The whole factory on phantom chest X-rays, on an embedded local Ray: `make demo`.
+
+    python jobs/demo.py --out demo_output [--quick]
+
+phantoms -> ingest -> GAN training (the proposed model and the cDCGAN baseline) -> balanced
+synthesis -> DenseNet classifier -> FDD -> downstream utility -> report. Each stage is one of
+the project's jobs, run with the arguments printed before it, so every step can be rerun by
+hand. Rerunning the demo resumes: finished stages find their outputs complete and skip ahead.
+`--quick` shrinks every stage (the smoke variant the test suite runs, about two minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxrfactory.runtime import init_ray, run_job  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each stage is; `full` fits in ~20 minutes on a 2-core CPU."""
+
+    images: int  # phantom chest X-rays (NIH's class prevalence)
+    resolution: int  # px of phantoms, shards and the generator's top branch
+    gan_steps: int  # generator training steps (global batches) for the proposed model
+    baseline_steps: int  # the same budget for the cDCGAN
+    gan_preset: list[str]  # extra train.py flags
+    target_per_class: int  # real + synthetic rows per class after balancing
+    classifier: list[str]  # train_classifier.py flags
+    fdd_per_class: int  # images per class compared by FDD
+
+
+FULL = DemoSize(images=3000, resolution=64, gan_steps=1800, baseline_steps=1800,
+                gan_preset=["--preset", "demo"], target_per_class=300,
+                classifier=["--preset", "demo"], fdd_per_class=200)
+QUICK = DemoSize(images=240, resolution=32, gan_steps=6, baseline_steps=6,
+                 gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",
+                             "--set", "model.num_branches=3", "--batch-size", "8"],
+                 target_per_class=30, classifier=["--preset", "smoke"], fdd_per_class=8)
+
+
+def stages(out: Path, size: DemoSize) -> list[tuple[str, str, list[str]]]:
+    """(title, job module, argv) for every step of the chain."""
+    real, runs, syn = out / "real", out / "runs", out / "synthetic"
+    gan = ["--data", str(real), "--storage", str(runs), *size.gan_preset, "--num-workers", "1"]
+    return [
+        ("Phantom chest X-rays in NIH's layout", "make_phantoms",
+         ["--out", str(out / "phantoms"), "--num-images", str(size.images),
+          "--resolution", str(size.resolution)]),
+        ("Ingest to class-partitioned Parquet shards", "ingest_nih",
+         ["--nih-root", str(out / "phantoms"), "--out", str(real),
+          "--resolution", str(size.resolution), "--rows-per-file", "500"]),
+        ("Train the proposed multi-scale GAN with attention", "train",
+         [*gan, "--run-name", "proposed", "--max-steps", str(size.gan_steps)]),
+        ("Train the cDCGAN baseline (same budget)", "train",
+         [*gan, "--run-name", "cdcgan", "--model", "cdcgan", "--max-steps", str(size.baseline_steps)]),
+        ("Synthesize a class-balanced set (proposed)", "synthesize",
+         ["--generator", str(runs / "proposed" / "generator"), "--out", str(syn / "proposed"),
+          "--target-per-class", str(size.target_per_class), "--balance-against", str(real)]),
+        ("Synthesize a class-balanced set (cDCGAN)", "synthesize",
+         ["--generator", str(runs / "cdcgan" / "generator"), "--out", str(syn / "cdcgan"),
+          "--target-per-class", str(size.target_per_class), "--balance-against", str(real)]),
+        ("Train the DenseNet classifier on real X-rays (FDD's features)", "train_classifier",
+         ["--real", str(real), "--out", str(out / "classifier"), *size.classifier]),
+        ("FDD per class (Table 1)", "fdd",
+         ["--real", str(real), "--synthetic", f"proposed={syn / 'proposed'}",
+          "--synthetic", f"cdcgan={syn / 'cdcgan'}", "--classifier",
+          str(out / "classifier" / "classifier"), "--out", str(out / "fdd"),
+          "--max-per-class", str(size.fdd_per_class)]),
+        ("Downstream utility: real only vs real + synthetic", "evaluate_utility",
+         ["--real", str(real), "--synthetic", str(syn / "proposed"), "--out", str(out / "utility"),
+          *size.classifier]),
+        ("Report", "report",
+         ["--out", str(out / "report"), "--run", str(runs / "proposed"),
+          "--baseline-run", str(runs / "cdcgan"), "--real", str(real),
+          "--synthetic", f"proposed={syn / 'proposed'}", "--synthetic", f"cdcgan={syn / 'cdcgan'}",
+          "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / "utility.json")]),
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_output", help="folder for everything the demo makes")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: the whole chain in ~2 minutes")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).absolute()
+    size = QUICK if args.quick else FULL
+    init_ray()
+    started = time.time()
+    steps = stages(out, size)
+    for number, (title, module, job_argv) in enumerate(steps, 1):
+        print(f"\n=== [{number}/{len(steps)}] {title}  ({time.time() - started:.0f}s)\n"
+              f"$ python jobs/{module}.py {shlex.join(job_argv)}", flush=True)
+        job = importlib.import_module(f"jobs.{module}")
+        code = job.main(job_argv)
+        if code:
+            print(f"error: stage {number} ({module}) failed with exit status {code}", file=sys.stderr)
+            return code
+    _print_summary(out, time.time() - started)
+    return 0
+
+
+def _print_summary(out: Path, seconds: float) -> None:
+    from cxrfactory.report.report import summary_lines
+
+    print(f"\n=== Done in {seconds / 60:.1f} min. Report: {out / 'report' / 'report.html'}")
+    fdd = json.loads((out / "fdd" / "fdd.json").read_text())
+    utility_path = out / "utility" / "utility.json"
+    utility = json.loads(utility_path.read_text()) if utility_path.exists() else None
+    for line in summary_lines(fdd=fdd, utility=utility):
+        print(line)
+
+
+if __name__ == "__main__":
+    run_job(main)
