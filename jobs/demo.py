@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import shlex
 import sys
 import time
@@ -29,7 +28,8 @@ from cxrfactory.runtime import init_ray, run_job  # noqa: E402
 class DemoSize:
     """How big each stage is; `full` fits in ~20 minutes on a 2-core CPU."""
 
-    images: int  # phantom chest X-rays (NIH's class prevalence)
+    images: int  # phantom chest X-rays (NIH's class prevalence) ...
+    min_per_class: int  # ... with at least this many of every class
     resolution: int  # px of phantoms, shards and the generator's top branch
     gan_steps: int  # generator training steps (global batches) for the proposed model
     baseline_steps: int  # the same budget for the cDCGAN
@@ -39,10 +39,10 @@ class DemoSize:
     fdd_per_class: int  # images per class compared by FDD
 
 
-FULL = DemoSize(images=3000, resolution=64, gan_steps=1800, baseline_steps=1800,
+FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=1800, baseline_steps=1800,
                 gan_preset=["--preset", "demo"], target_per_class=300,
                 classifier=["--preset", "demo"], fdd_per_class=200)
-QUICK = DemoSize(images=240, resolution=32, gan_steps=6, baseline_steps=6,
+QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6, baseline_steps=6,
                  gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",
                              "--set", "model.num_branches=3", "--batch-size", "8"],
                  target_per_class=30, classifier=["--preset", "smoke"], fdd_per_class=8)
@@ -55,7 +55,7 @@ def stages(out: Path, size: DemoSize) -> list[tuple[str, str, list[str]]]:
     return [
         ("Phantom chest X-rays in NIH's layout", "make_phantoms",
          ["--out", str(out / "phantoms"), "--num-images", str(size.images),
-          "--resolution", str(size.resolution)]),
+          "--min-per-class", str(size.min_per_class), "--resolution", str(size.resolution)]),
         ("Ingest to class-partitioned Parquet shards", "ingest_nih",
          ["--nih-root", str(out / "phantoms"), "--out", str(real),
           "--resolution", str(size.resolution), "--rows-per-file", "500"]),
@@ -109,19 +109,10 @@ def main(argv=None) -> int:
         if code:
             print(f"error: stage {number} ({module}) failed with exit status {code}", file=sys.stderr)
             return code
-    _print_summary(out, time.time() - started)
+    # The report stage has just printed the summary (FDD, class-consistency, utility).
+    print(f"\n=== Done in {(time.time() - started) / 60:.1f} min. "
+          f"Report: {out / 'report' / 'report.html'}")
     return 0
-
-
-def _print_summary(out: Path, seconds: float) -> None:
-    from cxrfactory.report.report import summary_lines
-
-    print(f"\n=== Done in {seconds / 60:.1f} min. Report: {out / 'report' / 'report.html'}")
-    fdd = json.loads((out / "fdd" / "fdd.json").read_text())
-    utility_path = out / "utility" / "utility.json"
-    utility = json.loads(utility_path.read_text()) if utility_path.exists() else None
-    for line in summary_lines(fdd=fdd, utility=utility):
-        print(line)
 
 
 if __name__ == "__main__":

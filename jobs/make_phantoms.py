@@ -1,7 +1,7 @@
 """Write a folder of procedural chest X-ray phantoms in NIH ChestX-ray14's layout.
 
     python jobs/make_phantoms.py --out DIR --num-images N [--resolution 256] [--seed 0]
-        [--classes Normal Effusion ...] [--balanced] [--workers W]
+        [--classes Normal Effusion ...] [--balanced | --min-per-class K] [--workers W]
     python jobs/make_phantoms.py --out DIR --metadata nih|CSV [--bbox CSV] [--num-images N]
     python jobs/make_phantoms.py --out DIR --smoke
 
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help=f"classes to draw (default all: {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--balanced", action="store_true", help="draw the classes evenly")
+    p.add_argument("--min-per-class", type=int, default=0, metavar="K",
+                   help="keep NIH's prevalence but give every class at least K images")
     p.add_argument("--metadata", default=None, metavar="CSV",
                    help="render one phantom per row of this NIH metadata csv[.gz]; "
                         "'nih' = the real one shipped with the package")
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.config = P.PhantomConfig(
             num_images=args.num_images, resolution=args.resolution, seed=args.seed,
             classes=tuple(args.classes) if args.classes else None, balanced=args.balanced,
-            metadata=args.metadata, bbox=args.bbox)
+            min_per_class=args.min_per_class, metadata=args.metadata, bbox=args.bbox)
     except (P.PhantomError, UnknownClassError) as exc:
         p.error(str(exc))
     return args

@@ -401,3 +401,16 @@ def test_job_metadata_mode(tmp_path):
     assert table["Image Index"].tolist() == [
         "00000001_000.png", "00000001_001.png", "00000001_002.png", "00000002_000.png",
         "00000003_001.png"]
+
+
+def test_min_per_class_keeps_nih_skew_but_fills_rare_classes():
+    from collections import Counter
+
+    from cxrfactory.data.phantom import PhantomError, sample_specs
+
+    specs = sample_specs(400, seed=3, min_per_class=10)
+    counts = Counter(s.label for s in specs)
+    assert len(specs) == 400 and min(counts.values()) >= 10 and len(counts) == 9
+    assert counts["Normal"] > 150 > counts["Pneumonia"]  # NIH's skew survives
+    with pytest.raises(PhantomError):
+        sample_specs(50, min_per_class=10)

@@ -137,13 +137,14 @@ def _patient_seed(seed: int, patient_id: int) -> int:
 
 
 def sample_specs(num_images: int, *, seed: int = 0, classes: Sequence[str] | None = None,
-                 balanced: bool = False) -> list[PhantomSpec]:
+                 balanced: bool = False, min_per_class: int = 0) -> list[PhantomSpec]:
     """``num_images`` single-finding specs with plausible patients.
 
     Classes follow NIH's single-label prevalence (restricted to ``classes``), or are drawn
     evenly (exact counts, shuffled) when ``balanced``. Patients have 1-6 follow-ups (about 1.8
     on average), an age of 18-90 that grows with the follow-ups, NIH's gender ratio (56 % male)
-    and 60 % PA views.
+    and 60 % PA views. ``min_per_class`` keeps NIH's skew but guarantees every class that
+    many images (a small NIH-like set would otherwise have no Pneumonia at all).
     """
     if num_images <= 0:
         raise PhantomError(f"the number of images must be positive, got {num_images}")
@@ -152,8 +153,13 @@ def sample_specs(num_images: int, *, seed: int = 0, classes: Sequence[str] | Non
     if balanced:
         picks = rng.permutation(np.arange(num_images) % len(chosen))
     else:
+        if min_per_class * len(chosen) > num_images:
+            raise PhantomError(f"--min-per-class {min_per_class} x {len(chosen)} classes exceeds "
+                               f"--num-images {num_images}")
         weights = np.array([NIH_SINGLE_LABEL_COUNTS[c] for c in chosen], dtype=np.float64)
-        picks = rng.choice(len(chosen), size=num_images, p=weights / weights.sum())
+        floor = np.repeat(np.arange(len(chosen)), min_per_class)
+        drawn = rng.choice(len(chosen), size=num_images - floor.size, p=weights / weights.sum())
+        picks = rng.permutation(np.concatenate([floor, drawn])) if floor.size else drawn
     specs: list[PhantomSpec] = []
     patient_id = 0
     while len(specs) < num_images:
@@ -293,6 +299,7 @@ class PhantomConfig:
     seed: int = 0  # run seed: each image's seeds derive from it and the image's position
     classes: tuple[str, ...] | None = None  # classes to draw, vocabulary order (None: all)
     balanced: bool = False  # draw the classes evenly instead of by NIH's prevalence
+    min_per_class: int = 0  # with NIH's prevalence, at least this many images of every class
     metadata: str | None = None  # NIH metadata csv[.gz] rendered row by row ("nih": packaged)
     bbox: str | None = None  # NIH BBox_List csv[.gz] for metadata mode (None: packaged)
 
@@ -308,6 +315,9 @@ class PhantomConfig:
                 f"--resolution must be at least {MIN_RESOLUTION} px, got {self.resolution}")
         if self.metadata is None and self.bbox is not None:
             raise PhantomError("--bbox only applies with --metadata")
+        if self.min_per_class < 0 or (self.min_per_class and (self.balanced or self.metadata)):
+            raise PhantomError("--min-per-class must be >= 0 and applies to NIH's prevalence only "
+                               "(not with --balanced or --metadata)")
         if self.metadata is not None and self.balanced:
             raise PhantomError("--balanced draws the classes itself; it cannot be combined "
                                "with --metadata")
@@ -329,7 +339,7 @@ class PhantomConfig:
                                        self.seed, self.classes)
         assert self.num_images is not None  # checked in __post_init__
         return sample_specs(self.num_images, seed=self.seed, classes=self.classes,
-                            balanced=self.balanced)
+                            balanced=self.balanced, min_per_class=self.min_per_class)
 
 
 # --------------------------------------------------------------------------------------------
