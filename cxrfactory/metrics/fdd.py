@@ -1,0 +1,465 @@
+"""Per-class Fréchet DenseNet Distance (FDD) on Ray Data, and the paper's Table 1.
+
+For each class, FDD is the Fréchet distance between Gaussians fitted to the classifier's pooled
+features of real and of synthetic images of that class (lower is better). The pipeline::
+
+    read_shards ─▶ sample (exact N per class, by a hash of image_id) ─▶ FeatureExtractor actors
+    (decode PNG, the classifier's own preprocessing, features + logits; per-class partial
+    FeatureStats of each batch) ─▶ driver: exact merge ─▶ Fréchet distance per class
+
+Only O(d²) statistics per class per batch leave the actors, never the features. The real side
+is computed once per (real manifest, split, sampling, classifier sha256, preprocessing) and
+cached as ``.npz``; later runs against the same real set reuse it.
+
+Two references make the numbers readable: a floor, the FDD between two patient-disjoint halves
+of the real split through the same pipeline (what "as close as real images are to each other"
+looks like, measured at half the sample size, so slightly inflated), and class-consistency,
+the classifier's top-1 accuracy on each class's synthetic rows (is the image recognisably of
+its class), next to its accuracy on the real rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cxrfactory import shards
+from cxrfactory.labels import validate_classes
+from cxrfactory.metrics.fdd_tables import OUTPUTS, write_outputs
+from cxrfactory.metrics.frechet import frechet_distance, prepare_reference
+from cxrfactory.metrics.stats import FeatureStats
+from cxrfactory.models.densenet import CONFIG_FILE, SHA256_FILE, WEIGHTS_FILE, load_classifier_artifact
+from cxrfactory.raydata import keep_sampled, sample_thresholds, stable_fraction
+from cxrfactory.storage import Location, check_readable, resolve
+
+#: Images per class in the paper's FDD evaluation (Ann et al. 2020, Table 1).
+PAPER_PROTOCOL: dict[str, int] = {
+    "Atelectasis": 1000, "Cardiomegaly": 575, "Effusion": 1000, "Infiltration": 1000,
+    "Mass": 729, "Nodule": 774, "Pneumonia": 242, "Pneumothorax": 539,
+}
+SAMPLE_SALT = "cxrfactory-fdd-sample"  # which rows a per-class cap keeps
+HALF_SALT = "cxrfactory-fdd-half"  # which patients form each half of the floor
+HALVES = ("a", "b")
+CACHE_FORMAT = 1
+
+
+class FDDError(ValueError):
+    """Input FDD cannot measure: a class without rows, a stale cache, a broken classifier."""
+
+
+@dataclass(frozen=True)
+class FDDConfig:
+    """One FDD evaluation: a real split against one or more synthetic sets."""
+
+    real: str  # real shard root (path or s3://)
+    synthetic: tuple[tuple[str, str], ...]  # (name, shard root) per synthetic set: one table row each
+    classifier: str  # classifier artifact folder (local path)
+    out: str  # output folder (path or s3://): fdd.json, fdd.csv, fdd.md, cache/
+    split: str = "test"  # the real split compared against
+    classes: tuple[str, ...] | None = None  # None: every class all sides hold (the paper's 8 with paper_protocol)
+    max_per_class: int | None = None  # at most N rows per class and side, chosen by a hash of image_id
+    paper_protocol: bool = False  # the paper's per-class counts (PAPER_PROTOCOL), capped by what exists
+    real_stats: str | None = None  # explicit real-side statistics file: reused when present (must match), else written
+    cache_dir: str | None = None  # folder of cached real-side statistics; None: <out>/cache
+    batch_rows: int = 512  # rows per actor call; each call emits one partial statistic per class
+    inference_batch: int = 64  # images per forward pass
+    workers: int | None = None  # feature actors; None: one per GPU with GPUs, else 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0  # Ray CPUs per actor (also its torch threads, on CPU)
+    s3_endpoint: str | None = None  # S3-compatible endpoint for s3:// locations
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "synthetic", tuple((str(n), str(u)) for n, u in self.synthetic))
+        names = [name for name, _ in self.synthetic]
+        if not names:
+            raise FDDError("give at least one synthetic set (NAME=URI)")
+        if len(set(names)) != len(names):
+            raise FDDError(f"synthetic set names must be unique, got {names}")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", validate_classes(self.classes))
+        if self.max_per_class is not None and self.paper_protocol:
+            raise FDDError("give max_per_class or paper_protocol, not both")
+        if self.max_per_class is not None and self.max_per_class < 2:
+            raise FDDError(f"max_per_class must be >= 2 (a covariance needs 2 images), got {self.max_per_class}")
+        if self.batch_rows < 1 or self.inference_batch < 1 or (self.workers or 1) < 1:
+            raise FDDError("batch_rows, inference_batch and workers must be >= 1")
+
+    def wanted(self, classes: Sequence[str]) -> dict[str, int] | None:
+        """Rows asked per class (before capping by what exists); None: every row."""
+        if self.paper_protocol:
+            return {c: PAPER_PROTOCOL[c] for c in classes}
+        if self.max_per_class is not None:
+            return dict.fromkeys(classes, self.max_per_class)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data stages
+
+
+def select_rows(batch: pa.Table, *, side: int, thresholds: Mapping[str, float],
+                halves: bool) -> pa.Table:
+    """Ray Data stage (pyarrow batches): keep the sampled rows (:func:`keep_sampled`) and key
+    each as ``<side>:<class>[/<half>]``, the half drawn by a hash of the patient."""
+    batch = keep_sampled(batch, thresholds=thresholds, salt=SAMPLE_SALT)
+    keys = [f"{side}:{c}" for c in batch.column("label").to_pylist()]
+    if halves:
+        first = stable_fraction(batch.column("patient_id").to_pylist(), HALF_SALT) < 0.5
+        keys = [f"{k}/{HALVES[0] if h else HALVES[1]}" for k, h in zip(keys, first)]
+    return batch.select(["image", "label"]).append_column("key", pa.array(keys, type=pa.string()))
+
+
+class FeatureExtractor:
+    """Ray Data actor: keyed rows -> one row of partial statistics per key of a batch.
+
+    The artifact travels as bytes (no shared filesystem needed) and is verified on load.
+    ``correct``/``scored`` count top-1 hits of the row's class among the rows whose class the
+    classifier knows (class-consistency).
+    """
+
+    def __init__(self, artifact_files: dict[str, bytes], *, inference_batch: int,
+                 threads: int | None) -> None:
+        from cxrfactory.training.classifier import decode_images
+
+        with tempfile.TemporaryDirectory() as directory:
+            for name, data in artifact_files.items():
+                (Path(directory) / name).write_bytes(data)
+            artifact = load_classifier_artifact(directory)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.model = artifact.model.to(self.device)
+        self.preprocessing = artifact.preprocessing
+        self.position = {c: i for i, c in enumerate(artifact.classes)}
+        self.inference_batch = inference_batch
+        self.decode = decode_images
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels, keys = [str(c) for c in batch["label"]], [str(k) for k in batch["key"]]
+        stats = FeatureStats(dim=self.model.feature_dim)
+        correct, scored = Counter(), Counter()
+        for start in range(0, len(keys), self.inference_batch):
+            chunk = slice(start, start + self.inference_batch)
+            x = self.decode(batch["image"][chunk], self.preprocessing).to(self.device)
+            with torch.inference_mode():
+                features = self.model.features(x)  # (B, d)
+                predicted = self.model.classifier(features).argmax(dim=1).cpu().numpy()
+            stats.update(features.double().cpu().numpy(), keys[chunk])
+            for key, label, guess in zip(keys[chunk], labels[chunk], predicted):
+                if label in self.position:
+                    scored[key] += 1
+                    correct[key] += int(guess == self.position[label])
+        out = stats.to_arrays()
+        out["correct"] = np.array([correct[k] for k in out["label"]], dtype=np.int64)
+        out["scored"] = np.array([scored[k] for k in out["label"]], dtype=np.int64)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# One side's statistics
+
+
+@dataclass
+class SideStats:
+    """Merged statistics of one shard root, keyed by class (or ``class/half``)."""
+
+    stats: FeatureStats
+    correct: dict[str, int]
+    scored: dict[str, int]
+
+    def by_class(self, half: str | None = None) -> FeatureStats:
+        """Statistics per class: the halves merged (exactly), or one half only."""
+        return _relabel(self.stats, lambda key: _class_of(key, half))
+
+    def accuracy(self, label: str) -> float | None:
+        """Top-1 accuracy on the class's rows (None when the classifier does not know it)."""
+        keys = [k for k in self.scored if _class_of(k, None) == label]
+        scored = sum(self.scored[k] for k in keys)
+        return sum(self.correct[k] for k in keys) / scored if scored else None
+
+
+def _class_of(key: str, half: str | None) -> str | None:
+    label, _, which = key.partition("/")
+    return label if half is None or which == half else None
+
+
+def _relabel(stats: FeatureStats, mapping: Callable[[str], str | None]) -> FeatureStats:
+    arrays = stats.to_arrays()
+    names = [mapping(str(k)) for k in arrays["label"]]
+    keep = np.array([n is not None for n in names], dtype=bool)
+    arrays = {k: v[keep] for k, v in arrays.items()}
+    arrays["label"] = np.array([n for n in names if n is not None], dtype=str)
+    merged = FeatureStats.from_arrays(arrays)  # rows of the same class merge exactly
+    return merged if merged.dim is not None else FeatureStats(dim=stats.dim)
+
+
+def artifact_files(directory: str) -> dict[str, bytes]:
+    """The classifier artifact's files, to ship to actors on any node."""
+    return {name: (Path(directory) / name).read_bytes()
+            for name in (WEIGHTS_FILE, CONFIG_FILE, SHA256_FILE)}
+
+
+@dataclass(frozen=True)
+class Side:
+    """One set of images to measure: a shard root's split, sampled per class."""
+
+    uri: str
+    split: str
+    thresholds: dict[str, float]  # per capped class (sample_thresholds); a class absent: all rows
+    halves: bool  # key rows by patient half too (the real side, for the floor)
+
+
+def side_statistics(sides: Sequence[Side], *, classes: Sequence[str], files: dict[str, bytes],
+                    config: FDDConfig) -> list[SideStats]:
+    """Run every side through one pipeline (one actor pool, the model loaded once per actor)."""
+    import ray
+
+    from cxrfactory.raydata import read_shards
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if config.use_gpu is None else config.use_gpu
+    if use_gpu and not gpus:
+        raise FDDError("GPU feature actors were asked for, but the Ray cluster has no GPU")
+    parts = []
+    for index, side in enumerate(sides):
+        ds, _ = read_shards(side.uri, split=side.split, classes=list(classes),
+                            columns=["image", "image_id", "label", "split", "patient_id"],
+                            s3_endpoint=config.s3_endpoint)
+        parts.append(ds.map_batches(select_rows, batch_format="pyarrow", fn_kwargs={
+            "side": index, "thresholds": dict(side.thresholds), "halves": side.halves}))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={"artifact_files": files, "inference_batch": config.inference_batch,
+                               "threads": max(1, int(config.cpus_per_worker))},
+        batch_size=config.batch_rows, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.workers or (gpus if use_gpu else 1)),
+        num_cpus=config.cpus_per_worker, num_gpus=1 if use_gpu else 0,
+    )
+    total, correct, scored = FeatureStats(), Counter(), Counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        total = total.merge(FeatureStats.from_arrays(batch))
+        for key, hit, seen in zip(batch["label"], batch["correct"], batch["scored"]):
+            correct[str(key)] += int(hit)
+            scored[str(key)] += int(seen)
+    results = []
+    for index in range(len(sides)):
+        prefix = f"{index}:"
+        mine = {k[len(prefix):]: k for k in scored if k.startswith(prefix)}
+        results.append(SideStats(
+            _relabel(total, lambda key: key[len(prefix):] if key.startswith(prefix) else None),
+            {k: correct[full] for k, full in mine.items()}, {k: scored[full] for k, full in mine.items()}))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The real-side cache
+
+
+def _cache_identity(config: FDDConfig, artifact: Any, manifest_sha: str,
+                    classes: Sequence[str], wanted: Mapping[str, int] | None) -> dict[str, Any]:
+    """What the real-side statistics depend on; its hash names the cache file."""
+    return {"kind": "fdd-real", "format": CACHE_FORMAT, "real_manifest_sha256": manifest_sha,
+            "split": config.split, "classes": list(classes), "sampling": dict(wanted or {}),
+            "classifier_sha256": artifact.sha256, "preprocessing": artifact.preprocessing.to_dict(),
+            "feature_dim": artifact.model.feature_dim, "half_salt": HALF_SALT}
+
+
+def _check_cache(stats: FeatureStats, identity: Mapping[str, Any], source: str) -> None:
+    """Refuse statistics made from other features or other images, naming the difference."""
+    if stats.dim != identity["feature_dim"]:
+        raise FDDError(f"{source} holds features of dimension {stats.dim}, but the classifier makes "
+                       f"{identity['feature_dim']}: it was made by another classifier; delete it or "
+                       "point --real-stats elsewhere")
+    for key, what in (("classifier_sha256", "classifier"), ("preprocessing", "preprocessing"),
+                      ("real_manifest_sha256", "real shard set"), ("split", "split"),
+                      ("classes", "class selection"), ("sampling", "sampling"),
+                      ("half_salt", "half split")):
+        if stats.meta.get(key) != identity[key]:
+            raise FDDError(f"{source} was made with another {what} ({stats.meta.get(key)!r} instead "
+                           f"of {identity[key]!r}); delete it or point --real-stats elsewhere")
+
+
+def _load_cache(location: Location, identity: Mapping[str, Any]) -> SideStats | None:
+    """The cached real side, checked against what is asked; None when there is none yet."""
+    if not location.exists():
+        return None
+    stats = FeatureStats.from_bytes(location.read_bytes(), source=location.uri)
+    _check_cache(stats, identity, location.uri)
+    return SideStats(stats, stats.meta["correct"], stats.meta["scored"])
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def _manifest(uri: str, s3_endpoint: str | None) -> tuple[shards.Manifest, str]:
+    """A verified manifest and the sha256 of its bytes (the shard set's fingerprint)."""
+    root = resolve(uri, s3_endpoint)
+    check_readable(root, "shard folder")
+    manifest = shards.read_manifest(root)
+    return manifest, hashlib.sha256(root.join(shards.MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def _choose_classes(config: FDDConfig, sides: Mapping[str, Mapping[str, int]]) -> tuple[str, ...]:
+    """The evaluated classes; a class asked for but absent from a side is an error."""
+    if config.classes is not None:
+        if config.paper_protocol and (extra := [c for c in config.classes if c not in PAPER_PROTOCOL]):
+            raise FDDError(f"the paper protocol has no count for {', '.join(extra)}; "
+                           f"it covers {', '.join(PAPER_PROTOCOL)}")
+        for side, counts in sides.items():
+            empty = [c for c in config.classes if counts.get(c, 0) == 0]
+            if empty:
+                raise FDDError(f"no rows of class {', '.join(empty)} in {side}; "
+                               "choose other --classes or another split")
+        return config.classes
+    candidates = PAPER_PROTOCOL if config.paper_protocol else validate_classes(None)
+    classes = tuple(c for c in candidates if all(counts.get(c, 0) > 0 for counts in sides.values()))
+    if not classes:
+        raise FDDError("no class has rows on every side (" + "; ".join(
+            f"{side}: {', '.join(c for c, n in counts.items() if n) or 'none'}"
+            for side, counts in sides.items()) + ")")
+    return classes
+
+
+def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every synthetic set against the real split; write fdd.json/csv/md to ``out``."""
+    # Inputs: the classifier first, so a broken artifact fails before any data is read
+    try:
+        artifact = load_classifier_artifact(config.classifier)
+    except (FileNotFoundError, ValueError) as error:
+        raise FDDError(f"classifier artifact {config.classifier}: {error}") from None
+    files = artifact_files(config.classifier)
+    real, real_sha = _manifest(config.real, config.s3_endpoint)
+    if config.split not in real.counts:
+        raise FDDError(f"{config.real} has no split {config.split!r} (it holds {', '.join(real.counts)})")
+    synthetic = {name: _manifest(uri, config.s3_endpoint)[0] for name, uri in config.synthetic}
+    sides = {f"{config.real} (split {config.split})": real.counts[config.split]}
+    sides.update({f"{uri} ({name})": synthetic[name].counts.get(shards.SYNTHETIC_SPLIT, {})
+                  for name, uri in config.synthetic})
+    classes = _choose_classes(config, sides)
+    wanted = config.wanted(classes)
+    log(f"[fdd] classes: {', '.join(classes)}; " + ("all rows" if wanted is None else
+        "per class at most " + ", ".join(f"{c} {n}" for c, n in wanted.items())))
+
+    # Real side: cached under everything it depends on
+    identity = _cache_identity(config, artifact, real_sha, classes, wanted)
+    out = resolve(config.out, config.s3_endpoint)
+    if config.real_stats:
+        cache = resolve(config.real_stats, config.s3_endpoint)
+    else:
+        key = shards.fingerprint(identity)[:16]
+        cache = resolve(config.cache_dir, config.s3_endpoint) if config.cache_dir else out.join("cache")
+        cache = cache.join(f"real-{key}.npz")
+
+    real_side = _load_cache(cache, identity)
+    log(f"[fdd] real-side statistics {'reused from' if real_side else 'will be cached in'} {cache.uri}")
+
+    # Features: every side still to measure through one pipeline
+    def side(uri: str, split: str, counts: Mapping[str, int], halves: bool) -> Side:
+        available = {c: int(counts.get(c, 0)) for c in classes}
+        return Side(uri, split, sample_thresholds(uri, split=split, available=available, wanted=wanted,
+                                                  salt=SAMPLE_SALT, s3_endpoint=config.s3_endpoint),
+                    halves)
+
+    todo = [side(uri, shards.SYNTHETIC_SPLIT, synthetic[name].counts[shards.SYNTHETIC_SPLIT], False)
+            for name, uri in config.synthetic]
+    if real_side is None:
+        todo.insert(0, side(config.real, config.split, real.counts[config.split], True))
+    measured = side_statistics(todo, classes=classes, files=files, config=config)
+    cache_hit = real_side is not None
+    if not cache_hit:
+        real_side = measured.pop(0)
+        cache.write_bytes(real_side.stats.to_bytes(**identity, correct=real_side.correct,
+                                                   scored=real_side.scored))
+
+    # Distances: the real Gaussian of each class factorised once, every synthetic set against it
+    real_stats = real_side.by_class()
+    halves = [real_side.by_class(h) for h in HALVES]
+    _require_two(real_stats, classes, f"{config.real} (split {config.split})")
+    references = {c: prepare_reference(*real_stats.mean_cov(c)) for c in classes}
+    floor = {c: (frechet_distance(*halves[0].mean_cov(c), *halves[1].mean_cov(c))
+                 if min(h.count(c) for h in halves) >= 2 else None) for c in classes}
+    rows = {}
+    for (name, uri), stats in zip(config.synthetic, measured):
+        _require_two(stats.stats, classes, uri)
+        rows[name] = {
+            "uri": uri,
+            "n": {c: stats.stats.count(c) for c in classes},
+            "fdd": {c: references[c].distance(*stats.stats.mean_cov(c)) for c in classes},
+            "class_consistency": {c: stats.accuracy(c) for c in classes},
+        }
+        log(f"[fdd] {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in rows[name]["fdd"].items()))
+    sizes = {f"real ({config.split})": {c: real_stats.count(c) for c in classes},
+             **{name: row["n"] for name, row in rows.items()}}
+    notes = _rank_notes(sizes, artifact.model.feature_dim)
+    for note in notes:
+        log(f"[fdd] warning: {note}")
+    result = {
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "metric": "FDD: squared Fréchet distance between Gaussians of the classifier's pooled "
+                  "features of real and synthetic images of one class (lower is better)",
+        "classes": list(classes),
+        "classifier": {"path": config.classifier, "sha256": artifact.sha256,
+                       "classes": list(artifact.classes), "feature_dim": artifact.model.feature_dim,
+                       "preprocessing": artifact.preprocessing.to_dict()},
+        "sampling": ({"paper_protocol": wanted} if config.paper_protocol else
+                     {"max_per_class": config.max_per_class} if wanted else None),
+        "real": {"uri": config.real, "split": config.split, "manifest_sha256": real_sha,
+                 "n": sizes[f"real ({config.split})"],
+                 "n_halves": {c: [h.count(c) for h in halves] for c in classes},
+                 "class_consistency": {c: real_side.accuracy(c) for c in classes},
+                 "statistics": cache.uri, "statistics_reused": cache_hit},
+        "floor": floor,
+        "synthetic": rows,
+        "warnings": notes,
+    }
+    _add_means(result)
+    write_outputs(result, out)
+    log(f"[fdd] wrote {', '.join(out.join(name).uri for name in OUTPUTS)}")
+    return result
+
+
+def _rank_notes(counts: Mapping[str, Mapping[str, int]], dim: int) -> list[str]:
+    """One line per side whose classes have no more images than feature dimensions."""
+    notes = []
+    for side, per_class in counts.items():
+        few = {c: n for c, n in per_class.items() if n <= dim}
+        if few:
+            notes.append(f"{side}: {len(few)} class(es) with at most {max(few.values())} images "
+                         f"(fewest: {min(few.values())}) for {dim} feature dimensions; their "
+                         "covariances are rank-deficient and FDD is biased upwards, so compare "
+                         "only numbers made with equal counts")
+    return notes
+
+
+def _require_two(stats: FeatureStats, classes: Sequence[str], source: str) -> None:
+    few = [f"{c} ({stats.count(c)})" for c in classes if stats.count(c) < 2]
+    if few:
+        raise FDDError(f"{source}: a covariance needs at least 2 images per class; "
+                       f"too few for {', '.join(few)}")
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def _add_means(result: dict[str, Any]) -> None:
+    """Macro averages over the classes (the paper reports per class; a mean helps ranking)."""
+    result["floor_mean"] = _mean(result["floor"].values())
+    result["real"]["class_consistency_mean"] = _mean(result["real"]["class_consistency"].values())
+    for row in result["synthetic"].values():
+        row["fdd_mean"] = _mean(row["fdd"].values())
+        row["class_consistency_mean"] = _mean(row["class_consistency"].values())

@@ -1,0 +1,350 @@
+"""FDD on Ray Data: exact per-class statistics, sampling, the real-side cache, the tables, and
+clear errors for bad input. Checked against features computed directly in this process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cxrfactory import shards
+from cxrfactory.data import nih
+from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
+from cxrfactory.metrics.fdd import (
+    HALF_SALT,
+    PAPER_PROTOCOL,
+    SAMPLE_SALT,
+    FDDConfig,
+    FDDError,
+    FeatureExtractor,
+    artifact_files,
+    select_rows,
+)
+from cxrfactory.metrics.frechet import frechet_distance
+from cxrfactory.metrics.stats import FeatureStats
+from cxrfactory.models.densenet import Preprocessing, densenet121_xray, save_classifier_artifact
+from cxrfactory.raydata import stable_fraction
+from cxrfactory.storage import resolve
+from cxrfactory.training.classifier import ARCHITECTURES, decode_images
+
+CLASSES = ("Cardiomegaly", "Effusion", "Pneumothorax")
+NUM_IMAGES = 120
+RES = 32
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(ray_session, tmp_path_factory) -> Path:
+    """Real shards of balanced phantoms at 32 px through the real ingest: by patient, about
+    30 train, 3 val and 6 test rows per class."""
+    base = tmp_path_factory.mktemp("phantom")
+    make_phantom_folder(base / "nih", PhantomConfig(num_images=NUM_IMAGES, resolution=RES,
+                                                    classes=CLASSES, balanced=True), workers=1)
+    nih.ingest(nih.IngestConfig(nih_root=str(base / "nih"), out=str(base / "real"), resolution=RES,
+                                classes=CLASSES, rows_per_file=16), log=lambda _: None)
+    return base / "real"
+
+
+def read_rows(root: Path) -> pd.DataFrame:
+    """Every row of a shard folder (the files its manifest lists)."""
+    manifest = json.loads((root / shards.MANIFEST_NAME).read_text())
+    return pd.concat([pq.read_table(root / f).to_pandas() for f in manifest["files"]], ignore_index=True)
+
+
+def read_split(root: Path, split: str) -> pd.DataFrame:
+    rows = read_rows(root)
+    return rows[rows["split"] == split].sort_values("image_id").reset_index(drop=True)
+
+
+def write_synthetic(real: Path, out: Path, noise: float, seed: int = 0) -> Path:
+    """A "synthetic" set made of the real test images plus Gaussian pixel noise (0: identical)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, row in read_split(real, "test").iterrows():
+        pixels = shards.decode_png(row["image"]["bytes"]).astype(np.float64)
+        pixels = np.clip(pixels + rng.normal(0.0, noise, pixels.shape), 0, 255).astype(np.uint8)
+        image_id = f"syn-{row['label']}-{i}"
+        rows.append({"image_id": image_id, "image": {"bytes": shards.encode_png(pixels), "path": image_id},
+                     "label": row["label"], "findings": [row["label"]], "split": "synthetic",
+                     "patient_id": None, "source": "synthetic", "seed": i, "generator": "0" * 64,
+                     "height": RES, "width": RES})
+    root = resolve(str(out))
+    files, counts = [], dict.fromkeys(CLASSES, 0)
+    for label in CLASSES:
+        part = [r for r in rows if r["label"] == label]
+        shards.write_shard(root.join(shards.shard_path(label, 0)), shards.make_table(part))
+        files.append(shards.shard_path(label, 0))
+        counts[label] = len(part)
+    shards.write_manifest(root, shards.Manifest(source="synthetic", classes=list(CLASSES),
+                                                counts={"synthetic": counts}, files=files))
+    return out
+
+
+def tiny_artifact(directory: Path, seed: int, growth_rate: int = 8) -> Path:
+    """An untrained tiny DenseNet artifact: features are a fixed random function of the image."""
+    torch.manual_seed(seed)
+    arch = {**ARCHITECTURES["tiny"], "growth_rate": growth_rate}
+    model = densenet121_xray(num_classes=len(CLASSES), **arch).eval()
+    save_classifier_artifact(directory, model, CLASSES, Preprocessing(resolution=RES))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fdd_inputs(phantom_shards, tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("fdd")
+    return {
+        "real": phantom_shards,
+        "same": write_synthetic(phantom_shards, base / "same", noise=0.0),
+        "noisy": write_synthetic(phantom_shards, base / "noisy", noise=25.0),
+        "classifier": tiny_artifact(base / "clf", seed=0),
+        "other_classifier": tiny_artifact(base / "clf_other", seed=1),
+        "wider_classifier": tiny_artifact(base / "clf_wide", seed=0, growth_rate=12),
+        "base": base,
+    }
+
+
+def direct_features(rows: pd.DataFrame, artifact_dir: Path) -> np.ndarray:
+    """Features computed in this process, one image at a time: the pipeline's reference."""
+    from cxrfactory.models.densenet import load_classifier_artifact
+
+    artifact = load_classifier_artifact(artifact_dir)
+    with torch.inference_mode():
+        return np.concatenate([
+            artifact.model.features(decode_images([row["image"]], artifact.preprocessing)).double().numpy()
+            for _, row in rows.iterrows()])
+
+
+def run_job(argv: list[str]) -> dict:
+    import jobs.fdd as job
+
+    assert job.main(argv) == 0
+    out = Path(argv[argv.index("--out") + 1])
+    return json.loads((out / "fdd.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def first_run(fdd_inputs) -> dict:
+    """One full evaluation; later tests reuse its real-side cache."""
+    out = fdd_inputs["base"] / "out"
+    result = run_job(["--real", str(fdd_inputs["real"]), "--synthetic", f"same={fdd_inputs['same']}",
+                      "--synthetic", f"noisy={fdd_inputs['noisy']}",
+                      "--classifier", str(fdd_inputs["classifier"]), "--out", str(out),
+                      "--batch-rows", "5", "--inference-batch", "3"])
+    return {"result": result, "out": out}
+
+
+def test_fdd_matches_direct_computation(first_run, fdd_inputs) -> None:
+    result = first_run["result"]
+    test_rows = read_split(fdd_inputs["real"], "test")
+    features = direct_features(test_rows, fdd_inputs["classifier"])
+    noisy_rows = read_rows(fdd_inputs["noisy"])
+    noisy_features = direct_features(noisy_rows, fdd_inputs["classifier"])
+    noisy_labels = noisy_rows["label"].to_numpy()
+    assert result["classes"] == list(CLASSES)
+    half_a = stable_fraction(test_rows["patient_id"], HALF_SALT) < 0.5
+    for c in CLASSES:
+        mine = (test_rows["label"] == c).to_numpy()
+        mu, sigma = features[mine].mean(0), np.cov(features[mine], rowvar=False)
+        other = noisy_features[noisy_labels == c]
+        expected = frechet_distance(mu, sigma, other.mean(0), np.cov(other, rowvar=False))
+        assert result["synthetic"]["noisy"]["fdd"][c] == pytest.approx(expected, rel=1e-4, abs=1e-8)
+        assert result["synthetic"]["noisy"]["fdd"][c] > 1e-3
+        # the identical set sits at distance 0; its class-consistency is the real one
+        assert result["synthetic"]["same"]["fdd"][c] < 1e-6 * np.trace(sigma)
+        assert result["synthetic"]["same"]["class_consistency"][c] == result["real"]["class_consistency"][c]
+        # the floor: the two patient-disjoint halves, through the same pipeline
+        a, b = features[mine & half_a], features[mine & ~half_a]
+        assert result["real"]["n_halves"][c] == [len(a), len(b)]
+        assert result["real"]["n"][c] == mine.sum() == result["synthetic"]["same"]["n"][c]
+        if min(len(a), len(b)) >= 2:
+            floor = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+            assert result["floor"][c] == pytest.approx(floor, rel=1e-4, abs=1e-8)
+    assert result["synthetic"]["noisy"]["fdd_mean"] == pytest.approx(
+        np.mean(list(result["synthetic"]["noisy"]["fdd"].values())))
+    assert result["warnings"]  # a handful of images per class for 32 feature dimensions
+    assert not result["real"]["statistics_reused"]
+
+
+def test_tables_follow_the_paper_layout(first_run) -> None:
+    out = first_run["out"]
+    csv = pd.read_csv(out / "fdd.csv")
+    assert list(csv.columns) == ["metric", "set", *CLASSES, "mean_or_total"]
+    fdd = csv[csv["metric"] == "fdd"]
+    assert list(fdd["set"]) == ["real vs real (floor)", "same", "noisy"]
+    assert float(fdd.set_index("set").loc["noisy", "Effusion"]) == pytest.approx(
+        first_run["result"]["synthetic"]["noisy"]["fdd"]["Effusion"])
+    assert set(csv["metric"]) == {"fdd", "n_images", "class_consistency"}
+    markdown = (out / "fdd.md").read_text()
+    assert "| | Cardiomegaly | Effusion | Pneumothorax | mean |" in markdown
+    assert "| noisy |" in markdown and "real vs real (floor)" in markdown
+
+
+def test_real_side_cache_is_reused(first_run, fdd_inputs) -> None:
+    out = fdd_inputs["base"] / "again"
+    cached = next((first_run["out"] / "cache").glob("real-*.npz"))
+    result = run_job(["--real", str(fdd_inputs["real"]), "--synthetic", f"noisy={fdd_inputs['noisy']}",
+                      "--classifier", str(fdd_inputs["classifier"]), "--out", str(out),
+                      "--real-stats", str(cached)])
+    assert result["real"]["statistics_reused"]
+    assert result["floor"] == first_run["result"]["floor"]  # read back from the cache, bit for bit
+    # Other batch sizes than the first run's: float32 convolutions differ in the last bits
+    assert result["synthetic"]["noisy"]["fdd"] == pytest.approx(
+        first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
+
+
+def test_max_per_class_keeps_the_n_smallest_hashes(fdd_inputs) -> None:
+    """Exactly min(N, available) rows per class and side: those whose image_id hashes lowest,
+    so the choice is the same on every run and every cluster."""
+    n = 3
+    result = run_job(["--real", str(fdd_inputs["real"]), "--synthetic", f"noisy={fdd_inputs['noisy']}",
+                      "--classifier", str(fdd_inputs["classifier"]),
+                      "--out", str(fdd_inputs["base"] / "capped"), "--max-per-class", str(n)])
+    assert result["sampling"] == {"max_per_class": n}
+
+    def chosen(rows: pd.DataFrame, label: str) -> pd.DataFrame:
+        rows = rows[rows["label"] == label]
+        return rows.iloc[np.argsort(stable_fraction(rows["image_id"], SAMPLE_SALT))[:n]]
+
+    real, noisy = read_split(fdd_inputs["real"], "test"), read_rows(fdd_inputs["noisy"])
+    for c in CLASSES:
+        a = direct_features(chosen(real, c), fdd_inputs["classifier"])
+        b = direct_features(chosen(noisy, c), fdd_inputs["classifier"])
+        assert result["real"]["n"][c] == len(a) == min(n, (real["label"] == c).sum())
+        assert result["synthetic"]["noisy"]["n"][c] == len(b)
+        expected = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        assert result["synthetic"]["noisy"]["fdd"][c] == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_paper_protocol_is_capped_by_what_exists(first_run, fdd_inputs) -> None:
+    result = run_job(["--real", str(fdd_inputs["real"]), "--synthetic", f"noisy={fdd_inputs['noisy']}",
+                      "--classifier", str(fdd_inputs["classifier"]),
+                      "--out", str(fdd_inputs["base"] / "paper"), "--paper-protocol"])
+    assert result["sampling"] == {"paper_protocol": {c: PAPER_PROTOCOL[c] for c in CLASSES}}
+    # a few phantoms per class: every row counts, the same as without a cap
+    assert result["real"]["n"] == first_run["result"]["real"]["n"]
+    assert result["synthetic"]["noisy"]["fdd"] == pytest.approx(
+        first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
+
+
+def test_outputs_and_cache_on_s3(first_run, fdd_inputs, s3_bucket, s3_endpoint) -> None:
+    import boto3
+
+    import jobs.fdd as job
+
+    assert job.main(["--real", str(fdd_inputs["real"]), "--synthetic", f"noisy={fdd_inputs['noisy']}",
+                     "--classifier", str(fdd_inputs["classifier"]), "--out", f"{s3_bucket}/fdd",
+                     "--s3-endpoint", s3_endpoint]) == 0
+    s3, bucket = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1"), s3_bucket[5:]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"fdd/fdd.json", "fdd/fdd.csv", "fdd/fdd.md"} <= keys
+    assert any(k.startswith("fdd/cache/real-") and k.endswith(".npz") for k in keys)
+    stored = json.loads(s3.get_object(Bucket=bucket, Key="fdd/fdd.json")["Body"].read())
+    assert stored["synthetic"]["noisy"]["fdd"] == pytest.approx(
+        first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
+
+
+def test_select_rows_samples_per_class_and_keys_halves() -> None:
+    ids = [f"img{i}" for i in range(200)]
+    labels = ["A", "B"] * 100
+    patients = np.arange(200) // 2  # two images per patient: a patient never straddles halves
+    fractions = stable_fraction(ids, SAMPLE_SALT)
+    threshold_a = np.sort(fractions[np.array(labels) == "A"])[9]  # the 10 smallest of class A
+    batch = pa.table({"image_id": ids, "label": labels, "patient_id": patients,
+                      "image": [{"bytes": b"", "path": str(i)} for i in range(200)]})
+    kept = select_rows(batch, side=2, thresholds={"A": threshold_a}, halves=True).to_pydict()
+    assert kept["label"].count("A") == 10 and kept["label"].count("B") == 100
+    assert set(kept["key"]) <= {"2:A/a", "2:A/b", "2:B/a", "2:B/b"}
+    half_of = {}
+    for image, key in zip(kept["image"], kept["key"]):
+        assert half_of.setdefault(patients[int(image["path"])], key[-1]) == key[-1]
+    assert 0.4 < (fractions < 0.5).mean() < 0.6  # roughly uniform
+    plain = select_rows(batch, side=0, thresholds={}, halves=False).to_pydict()
+    assert len(plain["key"]) == 200 and plain["key"][0] == "0:A"
+
+
+def test_feature_extractor_partials_merge_exactly(fdd_inputs) -> None:
+    """Two calls on parts of a batch, merged, equal one call on the whole batch."""
+    rows = read_split(fdd_inputs["real"], "test").head(12)
+    table = pa.Table.from_pandas(rows[["image", "label", "image_id", "patient_id"]], preserve_index=False)
+    batch = {k: np.array(v, dtype=object)
+             for k, v in select_rows(table, side=0, thresholds={}, halves=True).to_pydict().items()}
+    # One image per forward pass: float32 convolutions then give the same features whatever
+    # the split, and the comparison isolates the statistics' merge
+    extractor = FeatureExtractor(artifact_files(str(fdd_inputs["classifier"])), inference_batch=1,
+                                 threads=1)
+    whole = FeatureStats.from_arrays(extractor(batch))
+    parts = [FeatureStats.from_arrays(extractor({k: v[s] for k, v in batch.items()}))
+             for s in (slice(0, 5), slice(5, 12))]
+    merged = parts[0] + parts[1]
+    assert sorted(whole.labels) == sorted(merged.labels) and all("/" in k for k in whole.labels)
+    assert sum(whole.count(k) for k in whole.labels) == 12
+    for key in whole.labels:
+        if whole.count(key) >= 2:
+            for x, y in zip(whole.mean_cov(key), merged.mean_cov(key)):
+                np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_paper_protocol_counts() -> None:
+    config = FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True)
+    assert config.wanted(["Pneumonia", "Mass"]) == {"Pneumonia": 242, "Mass": 729}
+    assert sum(PAPER_PROTOCOL.values()) == 5859 and "Normal" not in PAPER_PROTOCOL
+    with pytest.raises(FDDError, match="not both"):
+        FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True,
+                  max_per_class=5)
+
+
+def test_a_class_without_rows_is_a_clear_error(fdd_inputs, tmp_path) -> None:
+    import jobs.fdd as job
+
+    with pytest.raises(FDDError, match="no rows of class Mass"):
+        job.main(["--real", str(fdd_inputs["real"]), "--synthetic", f"s={fdd_inputs['same']}",
+                  "--classifier", str(fdd_inputs["classifier"]), "--out", str(tmp_path),
+                  "--classes", "Effusion", "Mass"])
+
+
+def test_bad_synthetic_argument_is_a_usage_error(fdd_inputs, tmp_path, capsys) -> None:
+    import jobs.fdd as job
+
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--real", str(fdd_inputs["real"]), "--synthetic", str(fdd_inputs["same"]),
+                  "--classifier", str(fdd_inputs["classifier"]), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "NAME=URI" in capsys.readouterr().err
+
+
+def test_artifact_without_preprocessing_is_refused(fdd_inputs, tmp_path) -> None:
+    import jobs.fdd as job
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fdd_inputs["classifier"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["preprocessing"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FDDError, match="preprocessing"):
+        job.main(["--real", str(fdd_inputs["real"]), "--synthetic", f"s={fdd_inputs['same']}",
+                  "--classifier", str(broken), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("other, message", [("other_classifier", "another classifier"),
+                                            ("wider_classifier", "dimension")])
+def test_a_cache_made_by_another_classifier_is_refused(first_run, fdd_inputs, tmp_path, other, message) -> None:
+    import jobs.fdd as job
+
+    cached = next((first_run["out"] / "cache").glob("real-*.npz"))
+    with pytest.raises(FDDError, match=message):
+        job.main(["--real", str(fdd_inputs["real"]), "--synthetic", f"s={fdd_inputs['same']}",
+                  "--classifier", str(fdd_inputs[other]), "--out", str(tmp_path),
+                  "--real-stats", str(cached)])
