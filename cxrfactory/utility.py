@@ -1,8 +1,8 @@
 """Downstream utility: does synthetic data make the classifier better?
 
-Two arms with the same network, schedule and budget (epochs × rows per epoch): ``real`` trains
-on the real train split alone; ``real+synthetic`` fills every class up to ``target_per_class``
-rows per epoch with synthetic ones (real rows first). Both pick their checkpoint on the real
+Two arms with the same network, schedule and per-class cap: ``real`` trains on the real train
+split alone, at most ``target_per_class`` rows of a class per epoch; ``real+synthetic`` fills
+every class up to ``target_per_class`` rows per epoch with synthetic ones (real rows first). Both pick their checkpoint on the real
 val split and are scored on the real test split, which neither saw: per-class one-vs-rest
 AUROC, the macro average, and the difference. Rare classes (fewest real training rows) are
 called out, since that is where balancing should help.
@@ -82,12 +82,11 @@ def evaluate_utility(base: ClassifierConfig, synthetic: Sequence[str], target_pe
         raise ValueError("give at least one synthetic shard folder (--synthetic URI)")
     out_dir = Path(out).expanduser().absolute()
     arms = {
+        # Both arms cap every class at the same rows per epoch; only the mixed arm can fill
+        # the rare classes up to it, with synthetic rows: that is what balancing buys.
         "real": dataclasses.replace(base, out=str(out_dir / "real"), synthetic=(),
-                                    synthetic_ratio=None, balance_per_class=None,
+                                    synthetic_ratio=None, balance_per_class=target_per_class,
                                     run_name="utility-real"),
-        # Same rows per class for the real arm would be impossible (it has no more rows), so
-        # both arms get the same number of epochs; the mixed arm's epochs are longer by exactly
-        # the synthetic rows it adds: that is what "balancing" buys.
         "real+synthetic": dataclasses.replace(base, out=str(out_dir / "real+synthetic"),
                                               synthetic=tuple(synthetic), synthetic_ratio=None,
                                               balance_per_class=target_per_class,

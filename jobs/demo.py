@@ -41,7 +41,7 @@ class DemoSize:
 
 FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=1800, baseline_steps=1800,
                 gan_preset=["--preset", "demo"], target_per_class=300,
-                classifier=["--preset", "demo"], fdd_per_class=200)
+                classifier=["--preset", "demo", "--balance-per-class", "200"], fdd_per_class=200)
 QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6, baseline_steps=6,
                  gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",
                              "--set", "model.num_branches=3", "--batch-size", "8"],
@@ -78,7 +78,7 @@ def stages(out: Path, size: DemoSize) -> list[tuple[str, str, list[str]]]:
           "--max-per-class", str(size.fdd_per_class)]),
         ("Downstream utility: real only vs real + synthetic", "evaluate_utility",
          ["--real", str(real), "--synthetic", str(syn / "proposed"), "--out", str(out / "utility"),
-          *size.classifier]),
+          "--target-per-class", str(size.target_per_class), *size.classifier]),
         ("Report", "report",
          ["--out", str(out / "report"), "--run", str(runs / "proposed"),
           "--baseline-run", str(runs / "cdcgan"), "--real", str(real),
