@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -397,7 +398,10 @@ def head_node(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
            f"--include-dashboard={str(_has_jobs_api()).lower()}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--disable-usage-stats"]
+           f"--dashboard-port={dash}", "--disable-usage-stats",
+           # The session's own Ray holds the default agent ports; this cluster needs its own.
+           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+           f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -407,6 +411,14 @@ def head_node(tmp_path_factory):
                              capture_output=True).returncode != 0:
             assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
             time.sleep(1)
+        # The dashboard (the Jobs API) comes up after the GCS answers `ray status`.
+        while _has_jobs_api():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the dashboard did not come up"
+                time.sleep(1)
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
@@ -449,12 +461,19 @@ def test_ray_job_submit_runs_the_training_job(head_node, real_shards, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(head_node["dashboard"])
-    job_id = client.submit_job(
-        entrypoint=f"python jobs/train.py --data {real_shards} --run-name submitted "
-                   f"--storage {tmp_path} --smoke",
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv", "runs", "demo_output", ".git"]},
-    )
     deadline = time.time() + 240
+    while True:  # the job agent starts a little after the dashboard answers
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"python jobs/train.py --data {real_shards} --run-name submitted "
+                           f"--storage {tmp_path} --smoke",
+                runtime_env={"working_dir": str(REPO),
+                             "excludes": [".venv", "runs", "demo_output", ".git"]},
+            )
+            break
+        except RuntimeError as error:
+            assert "No available agent" in str(error) and time.time() < deadline, error
+            time.sleep(2)
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, "job did not finish"
         time.sleep(2)
