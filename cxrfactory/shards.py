@@ -14,8 +14,10 @@ This module imports no Ray; the Ray Data readers live in :mod:`cxrfactory.raydat
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -25,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cxrfactory.storage import Location, StorageError
+from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot
+from cxrfactory.storage import Location, StorageError, check_readable, resolve
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -257,8 +260,6 @@ class OutputConflictError(ValueError):
 
 def fingerprint(identity: dict[str, Any]) -> str:
     """A stable hash of what defines a job's output (config, inputs, plan)."""
-    import hashlib
-
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -318,11 +319,6 @@ def _describe_difference(old: dict, new: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Reading shards from plain PyTorch
 
-# Imported here, not at the top, because this section was appended to the module.
-from collections.abc import Callable, Sequence  # noqa: E402
-
-from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot  # noqa: E402
-from cxrfactory.storage import check_readable, resolve  # noqa: E402
 
 
 class ShardDataset:
