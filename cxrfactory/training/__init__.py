@@ -1,0 +1,1 @@
+"""Training: LSGAN losses, the GAN step object (EMA, tau schedule); Ray appears only in ``loop``."""
