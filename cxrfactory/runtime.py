@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -53,3 +54,25 @@ def run_job(main: Callable[[Sequence[str] | None], int | None],
               file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+#: A synthetic set's name on the command line (``--synthetic NAME=URI``): a plain word.
+SET_NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
+
+
+def parse_named_uris(items: Sequence[str], flag: str = "--synthetic",
+                     reserved: Sequence[str] = ("real",)) -> tuple[tuple[str, str], ...]:
+    """``["proposed=s3://b/x", ...]`` -> ``(("proposed", "s3://b/x"), ...)``; ValueError on a
+    malformed item, a reserved name or a name given twice."""
+    pairs = []
+    for item in items:
+        name, sep, uri = item.partition("=")
+        if not sep or not uri or not SET_NAME.match(name) or name in reserved:
+            others = f" other than {', '.join(map(repr, reserved))}" if reserved else ""
+            raise ValueError(f"{flag} {item!r}: expected NAME=URI with a plain NAME{others} "
+                             f"(letters, digits, . _ + -), e.g. {flag} proposed=synth/ms")
+        pairs.append((name, uri))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{flag} names must be unique, got {names}")
+    return tuple(pairs)

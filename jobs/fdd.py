@@ -19,7 +19,6 @@ jobs/train_classifier.py writes (<out>/classifier).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -27,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.metrics.fdd import FDDConfig, run_fdd  # noqa: E402
 from cxrfactory.metrics.fdd_tables import format_markdown  # noqa: E402
-from cxrfactory.runtime import init_ray, run_job  # noqa: E402
+from cxrfactory.runtime import parse_named_uris, init_ray, run_job  # noqa: E402
 
 #: --smoke: a few images per class, enough to check the whole pipeline in seconds.
 SMOKE_PER_CLASS = 8
-NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,16 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_synthetic(items: list[str], parser: argparse.ArgumentParser) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in items:
-        name, sep, uri = item.partition("=")
-        if not sep or not uri or not NAME.match(name):
-            parser.error(f"--synthetic {item!r}: expected NAME=URI with a plain NAME (letters, digits, . _ -)")
-        pairs.append((name, uri))
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        parser.error(f"--synthetic names must be unique, got {names}")
-    return tuple(pairs)
+    try:
+        return parse_named_uris(items)
+    except ValueError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
 
 
 def main(argv=None) -> int:

@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxrfactory.report.report import (  # noqa: E402
     DEFAULT_TITLE,
     MAX_PER_CLASS,
-    SET_NAME,
     ReportConfig,
     write_report,
 )
-from cxrfactory.runtime import run_job  # noqa: E402
+from cxrfactory.runtime import parse_named_uris, run_job  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,17 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_synthetic(items: list[str], parser: argparse.ArgumentParser) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in items:
-        name, sep, uri = item.partition("=")
-        if not sep or not uri or not SET_NAME.match(name) or name == "real":
-            parser.error(f"--synthetic {item!r}: expected NAME=URI with a plain NAME other than "
-                         "'real' (letters, digits, . _ + -), e.g. --synthetic proposed=synth/ms")
-        pairs.append((name, uri))
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        parser.error(f"--synthetic names must be unique, got {names}")
-    return tuple(pairs)
+    try:
+        return parse_named_uris(items)
+    except ValueError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
 
 
 def main(argv=None) -> int:

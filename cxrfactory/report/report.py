@@ -43,6 +43,7 @@ from cxrfactory.report.inputs import (
 )
 from cxrfactory.report.render import FIGURE_DIR, Document, render_html, render_markdown
 from cxrfactory.shards import SPLITS, SYNTHETIC_SPLIT
+from cxrfactory.runtime import SET_NAME
 from cxrfactory.storage import Location, check_writable, resolve
 
 __all__ = ["ReportConfig", "ReportInputError", "ReportResult", "build_document", "collect_inputs",
@@ -52,7 +53,6 @@ REPORT_HTML, REPORT_MD = "report.html", "report.md"
 DEFAULT_TITLE = "Synthetic chest X-rays: results"
 PAPER = ("Ann et al. 2020, “Generation of High-Resolution Chest X-rays using Multi-scale "
          "Conditional GAN with Attention”")
-SET_NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
 MAX_PER_CLASS, MIN_TILE, MAX_TILE = 16, 16, 512
 
 
