@@ -39,8 +39,8 @@ class DemoSize:
     fdd_per_class: int  # images per class compared by FDD
 
 
-FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=1800, baseline_steps=1800,
-                gan_preset=["--preset", "demo"], target_per_class=300,
+FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=2000, baseline_steps=2000,
+                gan_preset=["--preset", "demo", "--epochs", "100"], target_per_class=300,
                 classifier=["--preset", "demo", "--balance-per-class", "200"], fdd_per_class=200)
 QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6, baseline_steps=6,
                  gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",

@@ -22,7 +22,6 @@ Reading the inputs needs no Ray.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
