@@ -1,7 +1,7 @@
 """CPU benchmark of the model on the ``demo`` preset (and the ``paper`` preset's size).
 
     python benchmarks/bench_model_cpu.py                 # demo: generation, iterations
-    python benchmarks/bench_model_cpu.py --card          # + paper preset params/FLOPs/memory
+    python benchmarks/bench_model_cpu.py --card          # paper preset: params, FLOPs, memory
 
 ``--threads 1 --clock process`` measures CPU seconds, which a busy shared machine disturbs far
 less than wall time. Prints, for the demo preset (16/32/64 px) against the cDCGAN baseline at the same top
@@ -11,7 +11,7 @@ resolution (64 px), measured in the same run:
 - one iteration at batch 32 with the paper's schedule (5 D + 1 G updates) and with the demo's
   own schedule (1 D + 1 G), median and best of several.
 
-``--card`` adds the paper preset's parameter counts, FLOPs per image and activation memory per
+``--card`` measures instead the paper preset's parameter counts, FLOPs per image and activation memory per
 image (saved-for-backward bytes; see ``gpu_model.model_cost``), the numbers of
 docs/model_card.md. Timings on a shared machine are noisy: each number is a median of repeats,
 and the baseline runs interleaved with the model so both see the same load.
@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_model import model_cost  # noqa: E402
 
-from cxrfactory.config import Config, load_config  # noqa: E402
+from cxrfactory.config import Config, ConfigError, load_config, parse_overrides  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, count_parameters  # noqa: E402
 from cxrfactory.training.gan import GANTrainer  # noqa: E402
 
 
-def _generation_seconds(cfg: Config, batch: int) -> callable:
+def _generation_seconds(cfg: Config, batch: int) -> Callable[[], float]:
     torch.manual_seed(0)
     G = build_generator(cfg).eval()
     G.set_tau(1.0)
@@ -60,7 +61,7 @@ def _generation_seconds(cfg: Config, batch: int) -> callable:
     return run
 
 
-def _iteration_seconds(cfg: Config, batch: int, d_steps_per_g: int) -> callable:
+def _iteration_seconds(cfg: Config, batch: int, d_steps_per_g: int) -> Callable[[], float]:
     torch.manual_seed(0)
     gan = dataclasses.replace(cfg.gan, d_steps_per_g=d_steps_per_g)
     trainer = GANTrainer(build_generator(cfg), build_discriminators(cfg), gan)
@@ -78,7 +79,7 @@ def _iteration_seconds(cfg: Config, batch: int, d_steps_per_g: int) -> callable:
     return run
 
 
-def _interleaved(runs: dict[str, callable], repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+def _interleaved(runs: dict[str, Callable[[], float]], repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     """Call every runner in turn ``repeats`` times (after warm-up); median and best seconds."""
     for run in runs.values():
         for _ in range(warmup):
@@ -90,26 +91,11 @@ def _interleaved(runs: dict[str, callable], repeats: int, warmup: int = 2) -> di
     return {name: {"median_s": statistics.median(t), "best_s": min(t)} for name, t in times.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="CPU benchmark of the model (demo preset).")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per number")
-    parser.add_argument("--card", action="store_true", help="also measure the paper preset's size")
-    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                        help="wall time, or this process's CPU time (with --threads 1 on a busy "
-                             "shared machine, CPU time is close to the wall time of an idle one)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1:
-        parser.error("--threads and --repeats must be >= 1")
-    torch.set_num_threads(args.threads)
-    global _clock
-    _clock = time.process_time if args.clock == "process" else time.perf_counter
-
+def _demo_timings(repeats: int) -> dict[str, object]:
+    """Demo preset vs the cDCGAN baseline: generation images/s, iteration seconds."""
     demo = load_config("demo")
     baseline = demo.with_overrides({"model.arch": "cdcgan"})
-    results: dict[str, object] = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__,
-                                  "load_average_at_start": os.getloadavg()}
+    results: dict[str, object] = {}
     results["params"] = {
         "demo_generator": count_parameters(build_generator(demo)),
         "demo_discriminators": [count_parameters(d) for d in build_discriminators(demo)],
@@ -118,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     gen_batch, batch = 64, 32
     gen = _interleaved(
         {"demo": _generation_seconds(demo, gen_batch), "cdcgan": _generation_seconds(baseline, gen_batch)},
-        args.repeats,
+        repeats,
     )
     results["generation_images_per_s"] = {k: gen_batch / v["median_s"] for k, v in gen.items()}
     results["generation_ratio_demo_over_cdcgan"] = (
@@ -127,18 +113,48 @@ def main(argv: list[str] | None = None) -> None:
     for schedule in (5, 1):
         it = _interleaved(
             {"demo": _iteration_seconds(demo, batch, schedule), "cdcgan": _iteration_seconds(baseline, batch, schedule)},
-            args.repeats,
+            repeats,
         )
         results[f"iteration_{schedule}D+1G_b{batch}"] = it
         results[f"iteration_{schedule}D+1G_ratio_demo_over_cdcgan"] = it["demo"]["median_s"] / it["cdcgan"]["median_s"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="CPU benchmark of the model (demo preset).")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per number")
+    parser.add_argument("--card", action="store_true",
+                        help="measure the paper preset's size (params, FLOPs, activations) instead")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="overrides of the paper preset for --card, e.g. model.attention=false")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time, or this process's CPU time (with --threads 1 on a busy "
+                             "shared machine, CPU time is close to the wall time of an idle one)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
+    if args.set and not args.card:
+        parser.error("--set applies to --card only")
+    torch.set_num_threads(args.threads)
+    global _clock
+    _clock = time.process_time if args.clock == "process" else time.perf_counter
+
+    results: dict[str, object] = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__,
+                                  "load_average_at_start": os.getloadavg()}
+    if args.card:
+        try:
+            paper = load_config("paper").with_overrides(parse_overrides(args.set))
+        except ConfigError as err:
+            parser.error(str(err))
+        results["overrides"] = args.set
+        results["paper"] = model_cost(paper, torch.device("cpu"))
+        results["paper_cdcgan"] = model_cost(paper.with_overrides({"model.arch": "cdcgan"}), torch.device("cpu"))
+    else:
+        results.update(_demo_timings(args.repeats))
     for key, value in results.items():
         print(f"{key}: {json.dumps(value)}", flush=True)
-    if args.card:
-        paper = load_config("paper")
-        card = {"paper": model_cost(paper, torch.device("cpu")),
-                "paper_cdcgan": model_cost(paper.with_overrides({"model.arch": "cdcgan"}), torch.device("cpu"))}
-        results["card"] = card
-        print(f"card: {json.dumps(card)}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -293,3 +295,14 @@ def test_generate_is_independent_of_batch_size_and_order():
     assert not np.array_equal(full[1], full[3])  # same class, different seed
     with pytest.raises(ValueError, match="out of range"):
         generate(G, [9], [1])
+
+
+# ------------------------------------------------------------------------------ layering
+def test_models_and_the_gan_step_import_no_pipeline_dependencies():
+    """DESIGN: models and training.gan run on a bare torch box (the GPU benchmark relies on it)."""
+    code = (
+        "import sys, cxrfactory.models, cxrfactory.training.gan, cxrfactory.training.losses\n"
+        "bad = [m for m in ('ray', 'pandas', 'pyarrow', 'boto3', 'yaml') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
