@@ -33,7 +33,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = False
+        # A local Ray keeps Ray's default and starts its dashboard (on 8265, or the next free
+        # port): the State API lives there, and Ray Train's placement-group cleaner queries it
+        # every second, warning on each failure, for as long as a training run lasts.
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
