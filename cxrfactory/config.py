@@ -108,6 +108,7 @@ class GANConfig:
     loss_a: float = 0.0  # LSGAN target of D for fakes (paper eq. 5, "a")
     loss_b: float = 1.0  # LSGAN target of D for reals (paper eq. 5, "b")
     loss_d: float = 1.0  # value G wants D to give fakes (paper eq. 6, "d")
+    mismatch_weight: float = 0.0  # weight of StackGAN++'s mismatched pairs (real image, wrong class) in D's conditional term; 0 = eq. 5 as printed
     ema_half_life_images: float = 10_000.0  # G_ema half-life in generated images (StyleGAN-style); 0 disables averaging (G_ema = G)
     ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen so far, so short runs average; None: no ramp-up
     tau_step: float = 0.1  # attention scale tau grows by this ...
@@ -125,6 +126,8 @@ class GANConfig:
                 raise ConfigError(f"gan.{name} must be > 0, got {getattr(self, name)}")
         if self.d_steps_per_g < 1:
             raise ConfigError(f"gan.d_steps_per_g must be >= 1, got {self.d_steps_per_g}")
+        if self.mismatch_weight < 0:
+            raise ConfigError(f"gan.mismatch_weight must be >= 0, got {self.mismatch_weight}")
         if self.ema_half_life_images < 0:
             raise ConfigError("gan.ema_half_life_images must be >= 0")
         if self.tau_every_epochs < 1:

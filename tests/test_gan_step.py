@@ -70,6 +70,57 @@ def test_multiscale_losses_sum_both_heads_over_branches():
         multiscale_d_loss(real, fake[:1])
 
 
+def test_mismatched_scores_add_their_weighted_term_to_the_conditional_head_only():
+    t = torch.tensor
+    real = [(t([1.0]), t([1.0]))]
+    fake = [(t([0.0]), t([0.0]))]
+    wrong = [t([1.0, 0.0])]  # D calls one mismatched pair real (error 1), the other fake (0)
+    plain = multiscale_d_loss(real, fake)[0]
+    with_wrong = multiscale_d_loss(real, fake, mismatched=wrong, mismatch_weight=2.0)[0]
+    assert with_wrong.uncond.item() == plain.uncond.item() == 0.0
+    # + w/2 * mean((1-0)^2, (0-0)^2) = 2/2 * 0.5
+    assert with_wrong.cond.item() == pytest.approx(plain.cond.item() + 0.5)
+    assert multiscale_d_loss(real, fake, mismatched=wrong, mismatch_weight=0.0)[0].cond.item() == plain.cond.item()
+    with pytest.raises(ValueError, match="mismatched"):
+        multiscale_d_loss(real, fake, mismatched=wrong * 2, mismatch_weight=1.0)
+
+
+def test_discriminator_scores_mismatched_pairs_as_its_own_conditional_head_would():
+    torch.manual_seed(0)
+    d = build_discriminators(TINY)[1].eval()
+    x, c = _batch(4)
+    wrong = F.one_hot(torch.tensor([2, 0]), TINY.num_classes).float()
+    uncond, cond = d(x, c, mismatched=wrong)
+    assert uncond.shape == (4,) and cond.shape == (6,)
+    alone_uncond, alone_cond = d(x, c)
+    torch.testing.assert_close(uncond, alone_uncond)
+    torch.testing.assert_close(cond[:4], alone_cond)
+    torch.testing.assert_close(cond[4:], d(x[:2], wrong)[1])
+    with pytest.raises(AssertionError, match="mismatched"):
+        d(x, c, mismatched=torch.zeros(5, TINY.num_classes))
+
+
+def test_mismatched_conditions_are_always_another_class_and_reach_every_other_class():
+    trainer = _trainer(mismatch_weight=1.0)
+    c = F.one_hot(torch.arange(300) % TINY.num_classes, TINY.num_classes).float()
+    wrong = trainer._mismatched(c)
+    assert wrong.sum(dim=1).eq(1).all() and not (wrong.argmax(1) == c.argmax(1)).any()
+    for k in range(TINY.num_classes):
+        assert set(wrong[c.argmax(1) == k].argmax(1).tolist()) == set(range(TINY.num_classes)) - {k}
+
+
+def test_mismatch_weight_raises_the_d_conditional_term_it_reports():
+    x, c = _batch()
+    with_wrong = _trainer(mismatch_weight=1.0, d_steps_per_g=5).train_step(x, c)
+    plain = _trainer(mismatch_weight=0.0, d_steps_per_g=5).train_step(x, c)
+    # Same seeds, same networks: the unconditional terms agree, the conditional ones gain a
+    # non-negative term (real images under a wrong class, pushed towards a = 0).
+    assert with_wrong["d_uncond_b1"] == pytest.approx(plain["d_uncond_b1"], rel=1e-5)
+    assert with_wrong["d_cond_b1"] > plain["d_cond_b1"]
+    with pytest.raises(ValueError, match="mismatch_weight"):
+        GANConfig(mismatch_weight=-0.5)
+
+
 # ------------------------------------------------------------------------------ schedules
 def test_tau_schedule_is_the_papers():
     taus = [tau_schedule(e) for e in range(0, 60)]

@@ -8,6 +8,11 @@ to a 4x4 map (channels ``ndf, 2 ndf, 4 ndf, ...``), squeezes channels above ``8 
 - conditional: the condition tiled over the 4x4 map and concatenated, 3x3 block, 4x4 conv
   -> "is this a real X-ray of class c".
 
+The conditional head can also score images again under other conditions (``mismatched``):
+StackGAN++'s "wrong" pairs, real images with a label they do not have, which teach the head
+to look at the condition (see ``training.losses``). They reuse the encoding, so they cost only
+the small head.
+
 Every conv carries spectral normalisation; activations are LeakyReLU 0.2; there is no sigmoid,
 the scores are raw (LSGAN) and there is no BatchNorm (see ``layers``).
 """
@@ -27,6 +32,8 @@ class Discriminator(nn.Module):
     """``D(x, c)`` -> ``(uncond, cond)`` raw scores, each ``(B,)``.
 
     ``x``: ``(B, channels, resolution, resolution)`` in [-1, 1]; ``c``: ``(B, num_classes)``.
+    ``D(x, c, mismatched=m)`` with ``m`` ``(M, num_classes)``, ``M <= B``, also scores the first
+    ``M`` images under the conditions ``m``; those ``M`` scores follow the ``B`` in ``cond``.
     """
 
     def __init__(self, resolution: int, *, ndf: int, num_classes: int, channels: int = 1) -> None:
@@ -49,13 +56,19 @@ class Discriminator(nn.Module):
         self.cond_join = SNConvLeaky(width + num_classes, width)
         self.cond_head = sn_conv(width, 1, 4, 4, 0)
 
-    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, c: Tensor, mismatched: Tensor | None = None) -> tuple[Tensor, Tensor]:
         assert x.shape[1:] == (self.channels, self.resolution, self.resolution), (
             f"D expects (B, {self.channels}, {self.resolution}, {self.resolution}), got {tuple(x.shape)}"
         )
         assert c.shape == (x.shape[0], self.num_classes), f"c must be (B, {self.num_classes}), got {tuple(c.shape)}"
         h = self.encode(x)  # (B, features, 4, 4)
         uncond = self.uncond_head(h).flatten()
+        if mismatched is not None:
+            m = mismatched.shape[0]
+            assert mismatched.shape == (m, self.num_classes) and m <= x.shape[0], (
+                f"mismatched must be (M <= {x.shape[0]}, {self.num_classes}), got {tuple(mismatched.shape)}"
+            )
+            h, c = torch.cat([h, h[:m]]), torch.cat([c, mismatched.to(c.dtype)])
         cond = self.cond_head(self.cond_join(torch.cat([h, tile_condition(c, h)], dim=1))).flatten()
         return uncond, cond
 

@@ -199,19 +199,31 @@ class GANTrainer:
     def _z(self, batch: int) -> Tensor:
         return torch.randn(batch, self.z_dim, device=self.device, generator=self.noise)
 
+    def _mismatched(self, c: Tensor) -> Tensor:
+        """For each one-hot row of ``c``, another class drawn uniformly from the rest."""
+        k = self.num_classes
+        shift = torch.randint(1, k, (c.shape[0],), device=self.device, generator=self.noise)
+        return F.one_hot((c.argmax(dim=1) + shift) % k, k).to(c.dtype)
+
     def _d_update(self, reals: list[Tensor], c: Tensor) -> dict[str, Tensor]:
         batch = c.shape[0]
         for d in self.Ds:
             d.requires_grad_(True)
         with torch.no_grad(), self._autocast():
             fakes = self.G(self._z(batch), c)
-        real_scores, fake_scores = [], []
+        wrong = self._mismatched(c) if self.config.mismatch_weight > 0 else None
+        real_scores, fake_scores, wrong_scores = [], [], []
         with self._autocast():
             for d, x_real, x_fake in zip(self.Ds, reals, fakes):
-                uncond, cond = d(torch.cat([x_real, x_fake.to(x_real.dtype)]), torch.cat([c, c]))
+                # The mismatched conditions score the first `batch` rows again: the real images.
+                uncond, cond = d(torch.cat([x_real, x_fake.to(x_real.dtype)]), torch.cat([c, c]), mismatched=wrong)
                 real_scores.append((uncond[:batch], cond[:batch]))
-                fake_scores.append((uncond[batch:], cond[batch:]))
-        losses = multiscale_d_loss(real_scores, fake_scores, a=self.config.loss_a, b=self.config.loss_b)
+                fake_scores.append((uncond[batch:], cond[batch:2 * batch]))
+                wrong_scores.append(cond[2 * batch:])
+        losses = multiscale_d_loss(
+            real_scores, fake_scores, a=self.config.loss_a, b=self.config.loss_b,
+            mismatched=wrong_scores if wrong is not None else None, mismatch_weight=self.config.mismatch_weight,
+        )
         loss = total(losses)
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()

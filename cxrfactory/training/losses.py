@@ -9,6 +9,13 @@ with a = 0 (the fake label), b = 1 (the real label), d = 1 (the value G wants D 
 fakes). As in StackGAN++, every branch's discriminator has an unconditional score ``D(x)`` and a
 conditional score ``D(x, c)``; a branch's loss is the sum of both heads' terms, and the total is
 the sum over branches.
+
+Mismatched pairs (optional, ``GANConfig.mismatch_weight`` = w > 0): StackGAN++'s code (not its
+paper's equations) also shows the conditional head real images under a condition they do not
+have and asks for the fake label, ``+ w/2 E_x[(D(x, c') - a)^2]``. Without them the conditional
+head only meets the condition through fakes, and early fakes look alike for every class, so
+the head can score realism and ignore ``c``; with them, ignoring ``c`` costs it the term.
+w = 0 is eq. 5 exactly (the ``paper`` preset).
 """
 
 from __future__ import annotations
@@ -51,15 +58,30 @@ class BranchLosses:
 
 
 def multiscale_d_loss(
-    real: Sequence[Scores], fake: Sequence[Scores], *, a: float = 0.0, b: float = 1.0
+    real: Sequence[Scores],
+    fake: Sequence[Scores],
+    *,
+    a: float = 0.0,
+    b: float = 1.0,
+    mismatched: Sequence[Tensor] | None = None,
+    mismatch_weight: float = 0.0,
 ) -> list[BranchLosses]:
-    """Eq. 5 for every branch and head; ``sum(t.total for t in result)`` is the D objective."""
+    """Eq. 5 for every branch and head; ``sum(t.total for t in result)`` is the D objective.
+
+    ``mismatched``: per branch, the conditional scores of real images under a wrong condition;
+    each adds ``mismatch_weight / 2 * E[(score - a)^2]`` to its branch's conditional term.
+    """
     if len(real) != len(fake):
         raise ValueError(f"{len(real)} real but {len(fake)} fake score pairs")
-    return [
-        BranchLosses(lsgan_d_loss(r[0], f[0], a=a, b=b), lsgan_d_loss(r[1], f[1], a=a, b=b))
-        for r, f in zip(real, fake)
-    ]
+    if mismatched is not None and len(mismatched) != len(real):
+        raise ValueError(f"{len(mismatched)} mismatched score sets for {len(real)} branches")
+    out = []
+    for i, (r, f) in enumerate(zip(real, fake)):
+        cond = lsgan_d_loss(r[1], f[1], a=a, b=b)
+        if mismatched is not None:
+            cond = cond + mismatch_weight * 0.5 * ((mismatched[i].float() - a) ** 2).mean()
+        out.append(BranchLosses(lsgan_d_loss(r[0], f[0], a=a, b=b), cond))
+    return out
 
 
 def multiscale_g_loss(fake: Sequence[Scores], *, d: float = 1.0) -> list[BranchLosses]:
