@@ -82,3 +82,14 @@ def s3_bucket(s3_endpoint):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op torch thread for the test (two tests' threads would contend on 2 cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -27,12 +27,7 @@ from cxrfactory.training.classifier import (
 from cxrfactory.training.classifier_loop import augment, inverse_frequency_weights, make_loss
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- metrics ----------------------------------------------------------------------------------

@@ -25,12 +25,7 @@ TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 CLASSES = ("Normal", "Cardiomegaly", "Effusion")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(seed: int = 0, num_classes: int = 3, **overrides):
