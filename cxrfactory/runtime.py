@@ -8,6 +8,8 @@ we start Ray ourselves.
 
 from __future__ import annotations
 
+import argparse
+
 import logging
 import os
 import re
@@ -78,3 +80,14 @@ def parse_named_uris(items: Sequence[str], flag: str = "--synthetic",
     if len(set(names)) != len(names):
         raise ValueError(f"{flag} names must be unique, got {names}")
     return tuple(pairs)
+
+
+def named_uris_or_exit(parser: argparse.ArgumentParser, items: Sequence[str],
+                       flag: str = "--synthetic") -> tuple[tuple[str, str], ...]:
+    """:func:`parse_named_uris` for a job's parser: a malformed item is ``parser.error``
+    (usage, the message, exit status 2) like any other bad flag."""
+    try:
+        return parse_named_uris(items, flag)
+    except ValueError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.metrics.fdd import FDDConfig, run_fdd  # noqa: E402
 from cxrfactory.metrics.fdd_tables import format_markdown  # noqa: E402
-from cxrfactory.runtime import parse_named_uris, init_ray, run_job  # noqa: E402
+from cxrfactory.runtime import init_ray, named_uris_or_exit, run_job  # noqa: E402
 
 #: --smoke: a few images per class, enough to check the whole pipeline in seconds.
 SMOKE_PER_CLASS = 8
@@ -62,14 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_synthetic(items: list[str], parser: argparse.ArgumentParser) -> tuple[tuple[str, str], ...]:
-    try:
-        return parse_named_uris(items)
-    except ValueError as error:
-        parser.error(str(error))
-        raise  # unreachable: parser.error exits
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,7 +73,7 @@ def main(argv=None) -> int:
         parser.error(f"--classifier {args.classifier} is not a folder (expected the classifier "
                      "artifact jobs/train_classifier.py writes)")
     config = FDDConfig(
-        real=args.real, synthetic=parse_synthetic(args.synthetic, parser), classifier=args.classifier,
+        real=args.real, synthetic=named_uris_or_exit(parser, args.synthetic), classifier=args.classifier,
         out=args.out, split=args.split, classes=tuple(args.classes) if args.classes else None,
         max_per_class=SMOKE_PER_CLASS if args.smoke else args.max_per_class,
         paper_protocol=args.paper_protocol, real_stats=args.real_stats, cache_dir=args.cache_dir,

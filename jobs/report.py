@@ -1,7 +1,7 @@
 """The results report: loss curves, FDD, samples, class balance and downstream utility in one page.
 
     python jobs/report.py --out DIR [--run RUN_DIR] [--baseline-run RUN_DIR] [--real URI]
-        [--synthetic NAME=URI ...] [--fdd DIR] [--utility FILE] [--title T]
+        [--synthetic NAME=URI ...] [--balanced NAME=URI ...] [--fdd DIR] [--utility FILE] [--title T]
         [--samples-per-class K] [--sample-split SPLIT] [--strict] [--s3-endpoint URL]
 
 Writes <out>/report.html (self-contained: figures inline, no external resources), <out>/report.md
@@ -9,7 +9,10 @@ and the figures it references in <out>/figures/, then prints a short summary. Ev
 optional, but at least one is needed; a section whose input is absent says so and names the flag
 that supplies it. --run is the proposed model's training run folder (<storage>/<run-name>),
 --baseline-run the cDCGAN's; --synthetic NAME=URI is repeatable and its order is Table 2's
-column order (e.g. --synthetic cDCGAN=... --synthetic proposed=...). A given input that does not
+column order (e.g. --synthetic cDCGAN=... --synthetic proposed=...). --balanced NAME=URI names
+the sets made to balance the real training split (jobs/synthesize.py --balance-against) for the
+class-balance section when they differ from the --synthetic ones (default: the --synthetic sets
+that were made with --balance-against). A given input that does not
 exist is reported as missing (with --strict: an error); one of the wrong kind is an error.
 Needs no Ray.
 """
@@ -28,7 +31,7 @@ from cxrfactory.report.report import (  # noqa: E402
     ReportConfig,
     write_report,
 )
-from cxrfactory.runtime import parse_named_uris, run_job  # noqa: E402
+from cxrfactory.runtime import named_uris_or_exit, run_job  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", default=None, metavar="URI", help="real shard folder or s3:// URI")
     p.add_argument("--synthetic", action="append", default=[], metavar="NAME=URI",
                    help="a synthetic shard set and its column name (repeatable, in column order)")
+    p.add_argument("--balanced", action="append", default=[], metavar="NAME=URI",
+                   help="a synthetic set made to balance the real data, for the class-balance section "
+                        "(repeatable; default: the --synthetic sets made with --balance-against)")
     p.add_argument("--fdd", default=None, metavar="DIR", help="jobs/fdd.py output folder (or its fdd.json)")
     p.add_argument("--utility", default=None, metavar="FILE", help="the downstream experiment's utility.json")
     p.add_argument("--title", default=DEFAULT_TITLE, help="the report's heading")
@@ -51,25 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_synthetic(items: list[str], parser: argparse.ArgumentParser) -> tuple[tuple[str, str], ...]:
-    try:
-        return parse_named_uris(items)
-    except ValueError as error:
-        parser.error(str(error))
-        raise  # unreachable: parser.error exits
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    synthetic = parse_synthetic(args.synthetic, parser)
-    if not any([args.run, args.baseline_run, args.real, synthetic, args.fdd, args.utility]):
-        parser.error("give at least one input: --run, --baseline-run, --real, --synthetic, --fdd or --utility")
+    synthetic = named_uris_or_exit(parser, args.synthetic)
+    balanced = named_uris_or_exit(parser, args.balanced, "--balanced")
+    if not any([args.run, args.baseline_run, args.real, synthetic, balanced, args.fdd, args.utility]):
+        parser.error("give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, "
+                     "--fdd or --utility")
     if not 1 <= args.samples_per_class <= MAX_PER_CLASS:
         parser.error(f"--samples-per-class must be 1..{MAX_PER_CLASS}, got {args.samples_per_class}")
     config = ReportConfig(
         out=args.out, run=args.run, baseline_run=args.baseline_run, real=args.real,
-        synthetic=synthetic, fdd=args.fdd, utility=args.utility, title=args.title,
+        synthetic=synthetic, balanced=balanced, fdd=args.fdd, utility=args.utility, title=args.title,
         samples_per_class=args.samples_per_class, sample_split=args.sample_split,
         strict=args.strict, s3_endpoint=args.s3_endpoint,
     )

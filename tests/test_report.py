@@ -41,12 +41,7 @@ HEADINGS = ("Fig. 2 Loss curves", "Table 1 FDD", "Table 2 Samples", "Class balan
 PROPOSED_SHA = "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +330,28 @@ def test_synthetic_sets_without_real_shards_use_the_plan(inputs, tmp_path):
     assert (tmp_path / "figures" / "table2-samples.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_balance_section_shows_the_balanced_sets_not_evaluation_sets(inputs, tmp_path):
+    # An evaluation set (N per class, nothing counted against real) balances nothing: with a
+    # balanced set beside it, only the balanced one is a column of the class-balance table.
+    rows = {label: [(f"eval-{label}-{i}", "synthetic", 900 + 10 * k + i) for i in range(4)]
+            for k, label in enumerate(CLASSES)}
+    evaluation = write_shards(tmp_path / "eval", rows, source="synthetic",
+                              extra={"generator": PROPOSED_SHA, "seed": 0, "target_per_class": 4, "resolution": SIDE})
+    mixed = ReportConfig(out=str(tmp_path / "a"), real=str(inputs["real"]), tile_px=32,
+                         synthetic=(("eval", str(evaluation)), ("proposed", str(inputs["proposed"]))))
+    explicit = ReportConfig(out=str(tmp_path / "b"), real=str(inputs["real"]), tile_px=32,
+                            synthetic=(("eval", str(evaluation)),), balanced=(("bal", str(inputs["proposed"])),))
+    for config, name in ((mixed, "proposed"), (explicit, "bal")):
+        write_report(config, log=lambda line: None)
+        md = (Path(config.out) / "report.md").read_text()
+        header = next(line for line in md.splitlines() if line.startswith("| class | real train (before)"))
+        assert f"real + {name} (after)" in header and "eval" not in header
+        assert "| Effusion | 3 | 5 | 8 |" in md
+        assert f"| balanced set {name} | --balanced |" in md or name == "proposed"
+    with pytest.raises(ReportInputError, match="balanced set names must be unique"):
+        ReportConfig(out="x", balanced=(("a", "p"), ("a", "q")))
+
+
 def test_inputs_and_output_on_s3(inputs, s3_bucket, s3_endpoint):
     import pyarrow.fs as pafs
 
@@ -427,6 +444,8 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     ("storage_instead_of_run", "it holds the run folder(s) dc, ms"),
     ("artifact_instead_of_run", "is a generator artifact, not a training run folder"),
     ("no_name", "expected NAME=URI"),
+    ("balanced_no_name", "--balanced"),
+    ("balanced_real", "not a synthetic set"),
     ("no_input", "give at least one input"),
     ("real_as_synthetic", "not a synthetic set"),
     ("synthetic_as_real", "is a synthetic set; pass it as --synthetic"),
@@ -444,6 +463,8 @@ def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
         "storage_instead_of_run": ["--run", str(inputs["runs"])],
         "artifact_instead_of_run": ["--run", str(tmp_path / "generator")],
         "no_name": ["--synthetic", str(inputs["proposed"])],
+        "balanced_no_name": ["--balanced", str(inputs["proposed"])],
+        "balanced_real": ["--balanced", f"x={inputs['real']}"],
         "no_input": [],
         "real_as_synthetic": ["--synthetic", f"x={inputs['real']}"],
         "synthetic_as_real": ["--real", str(inputs["proposed"])],

@@ -64,6 +64,7 @@ class ReportConfig:
     baseline_run: str | None = None  # the cDCGAN baseline's training run folder
     real: str | None = None  # real shard root: counts before balancing, Table 2's real column
     synthetic: tuple[tuple[str, str], ...] = ()  # (name, shard root) per synthetic set, column order
+    balanced: tuple[tuple[str, str], ...] = ()  # sets made to balance the real data (class balance); default: the balanced --synthetic sets
     fdd: str | None = None  # jobs/fdd.py output folder (or its fdd.json)
     utility: str | None = None  # the downstream experiment's utility.json
     title: str = DEFAULT_TITLE  # the report's heading
@@ -75,13 +76,16 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "synthetic", tuple((str(n), str(u)) for n, u in self.synthetic))
+        object.__setattr__(self, "balanced", tuple((str(n), str(u)) for n, u in self.balanced))
         names = [name for name, _ in self.synthetic]
+        balanced = [name for name, _ in self.balanced]
         problems = [
-            (not any([self.run, self.baseline_run, self.real, self.synthetic, self.fdd, self.utility]),
-             "give at least one input: --run, --baseline-run, --real, --synthetic, --fdd or --utility"),
+            (not any([self.run, self.baseline_run, self.real, self.synthetic, self.balanced, self.fdd, self.utility]),
+             "give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, --fdd or --utility"),
             (len(set(names)) != len(names), f"synthetic set names must be unique, got {names}"),
-            (any(not SET_NAME.match(n) or n == "real" for n in names),
-             f"synthetic set names must be plain (letters, digits, . _ + -) and not 'real': {names}"),
+            (len(set(balanced)) != len(balanced), f"balanced set names must be unique, got {balanced}"),
+            (any(not SET_NAME.match(n) or n == "real" for n in names + balanced),
+             f"synthetic set names must be plain (letters, digits, . _ + -) and not 'real': {names + balanced}"),
             (not 1 <= self.samples_per_class <= MAX_PER_CLASS,
              f"samples per class must be 1..{MAX_PER_CLASS}, got {self.samples_per_class}"),
             (not MIN_TILE <= self.tile_px <= MAX_TILE,
@@ -100,6 +104,7 @@ class ReportInputs:
     runs: list[tuple[str, RunInfo]] = field(default_factory=list)  # (role, run)
     real: ShardSet | None = None
     synthetic: list[ShardSet] = field(default_factory=list)
+    balanced: list[ShardSet] = field(default_factory=list)  # --balanced sets as given
     fdd: dict[str, Any] | None = None
     utility: dict[str, Any] | None = None
     status: list[tuple[str, str, str, str]] = field(default_factory=list)  # input, flag, location, status
@@ -130,11 +135,12 @@ HINTS = {
     "--baseline-run": (S.LOSSES, "pass --baseline-run RUN_DIR, the cDCGAN run (jobs/train.py --model cdcgan)"),
     "--real": (S.SAMPLES, "pass --real URI, the real shard folder (jobs/ingest_nih.py output)"),
     "--synthetic": (S.SAMPLES, "pass --synthetic NAME=URI per synthetic set (jobs/synthesize.py output)"),
+    "--balanced": (S.BALANCE, "pass --balanced NAME=URI, a set made with jobs/synthesize.py --balance-against"),
     "--fdd": (S.FDD, "pass --fdd DIR, the --out folder of jobs/fdd.py"),
     "--utility": (S.UTILITY, "pass --utility FILE, the utility.json of the downstream experiment"),
 }
 NOT_GIVEN = {"--run": "No proposed-model run", "--baseline-run": "No cDCGAN baseline run",
-             "--real": "No real shards", "--synthetic": "No synthetic sets",
+             "--real": "No real shards", "--synthetic": "No synthetic sets", "--balanced": "No balanced set",
              "--fdd": "FDD not run", "--utility": "Downstream utility not run"}
 
 
@@ -187,18 +193,21 @@ def collect_inputs(config: ReportConfig) -> ReportInputs:
             f"{split} {sum(counts[split].values()):,}" for split in counts)))
     if not config.synthetic:
         _absent(inputs, "--synthetic", None, "synthetic sets")
-    for name, uri in config.synthetic:
-        loc = _locate(config, inputs, "--synthetic", uri, f"synthetic set {name}")
-        if loc is None:
-            continue
-        shard_set = load_shard_set(loc, name, synthetic=True, flag="--synthetic")
-        inputs.synthetic.append(shard_set)
-        sha = str(shard_set.manifest.extra.get("generator", ""))
-        made_by = [role for role, run in inputs.runs if run.generator_sha256 and run.generator_sha256 == sha]
-        inputs.status.append((f"synthetic set {name}", "--synthetic", loc.uri,
-                              f"{shard_set.manifest.total(SYNTHETIC_SPLIT):,} images"
-                              + (f", generator `{sha[:12]}`" if sha else "")
-                              + (f" (the {made_by[0]} run's)" if made_by else "")))
+    for flag, sets, kept in (("--synthetic", config.synthetic, inputs.synthetic),
+                             ("--balanced", config.balanced, inputs.balanced)):
+        for name, uri in sets:
+            what = f"{'balanced' if flag == '--balanced' else 'synthetic'} set {name}"
+            loc = _locate(config, inputs, flag, uri, what)
+            if loc is None:
+                continue
+            shard_set = load_shard_set(loc, name, synthetic=True, flag=flag)
+            kept.append(shard_set)
+            sha = str(shard_set.manifest.extra.get("generator", ""))
+            made_by = [role for role, run in inputs.runs if run.generator_sha256 and run.generator_sha256 == sha]
+            inputs.status.append((what, flag, loc.uri,
+                                  f"{shard_set.manifest.total(SYNTHETIC_SPLIT):,} images"
+                                  + (f", generator `{sha[:12]}`" if sha else "")
+                                  + (f" (the {made_by[0]} run's)" if made_by else "")))
     loc = _locate(config, inputs, "--fdd", config.fdd, "FDD result")
     if loc is not None:
         inputs.fdd = load_fdd(loc)
@@ -233,6 +242,15 @@ def _sample_sources(config: ReportConfig, inputs: ReportInputs) -> tuple[list[Sa
 # Building and writing
 
 
+def balancing_sets(inputs: ReportInputs) -> list[ShardSet]:
+    """The class-balance section's sets: --balanced, else the --synthetic sets made with
+    --balance-against (an evaluation set of N per class balances nothing), else every one."""
+    if inputs.balanced:
+        return inputs.balanced
+    made_to_balance = [s for s in inputs.synthetic if s.manifest.extra.get("balance_against")]
+    return made_to_balance or inputs.synthetic
+
+
 def build_document(config: ReportConfig, inputs: ReportInputs) -> Document:
     """The report's sections from what was read."""
     sources, classes = _sample_sources(config, inputs)
@@ -242,7 +260,7 @@ def build_document(config: ReportConfig, inputs: ReportInputs) -> Document:
         S.fdd_section(inputs.fdd, absent.get(S.FDD, [])),
         S.samples_section(sources, classes, config.samples_per_class, config.tile_px,
                           absent.get(S.SAMPLES, [])),
-        S.balance_section(inputs.real, inputs.synthetic, absent.get(S.BALANCE, [])),
+        S.balance_section(inputs.real, balancing_sets(inputs), absent.get(S.BALANCE, [])),
         S.utility_section(inputs.utility, absent.get(S.UTILITY, [])),
     )
     front = S.inputs_section(inputs.status, S.headline(inputs.fdd, inputs.utility))
