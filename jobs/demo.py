@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,58 +32,74 @@ class DemoSize:
     images: int  # phantom chest X-rays (NIH's class prevalence) ...
     min_per_class: int  # ... with at least this many of every class
     resolution: int  # px of phantoms, shards and the generator's top branch
-    gan_steps: int  # generator training steps (global batches) for the proposed model
-    baseline_steps: int  # the same budget for the cDCGAN
+    gan_steps: int  # generator training steps (global batches), the same budget for both models
     gan_preset: list[str]  # extra train.py flags
-    target_per_class: int  # real + synthetic rows per class after balancing
+    target_per_class: int  # real + synthetic rows per class after balancing (downstream utility)
     classifier: list[str]  # train_classifier.py flags
-    fdd_per_class: int  # images per class compared by FDD
+    eval_per_class: int  # synthetic images per class of each evaluation set (FDD, Table 2)
 
 
-FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=2000, baseline_steps=2000,
-                gan_preset=["--preset", "demo", "--epochs", "100"], target_per_class=300,
-                classifier=["--preset", "demo", "--balance-per-class", "200"], fdd_per_class=200)
-QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6, baseline_steps=6,
+FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=1500,
+                gan_preset=["--preset", "demo", "--epochs", "100", "--torch-threads", "2"], target_per_class=300,
+                classifier=["--preset", "demo", "--balance-per-class", "200"], eval_per_class=200)
+QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6,
                  gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",
                              "--set", "model.num_branches=3", "--batch-size", "8"],
-                 target_per_class=30, classifier=["--preset", "smoke"], fdd_per_class=8)
+                 target_per_class=30, classifier=["--preset", "smoke"], eval_per_class=8)
 
 
-def stages(out: Path, size: DemoSize) -> list[tuple[str, str, list[str]]]:
-    """(title, job module, argv) for every step of the chain."""
+class Stage(NamedTuple):
+    key: str  # what it makes (benchmarks/table1_phantoms.py picks stages by key)
+    title: str
+    module: str  # jobs/<module>.py
+    argv: list[str]
+
+
+def stages(out: Path, size: DemoSize) -> list[Stage]:
+    """Every step of the chain, in order.
+
+    Each generator makes two sets: an evaluation set of the same number of images for every
+    class (FDD per class and class-consistency compare equal counts, Normal included) and, for
+    the proposed model, the set that balances the real training split (downstream utility).
+    """
     real, runs, syn = out / "real", out / "runs", out / "synthetic"
-    gan = ["--data", str(real), "--storage", str(runs), *size.gan_preset, "--num-workers", "1"]
+    gan = ["--data", str(real), "--storage", str(runs), *size.gan_preset, "--num-workers", "1",
+           "--max-steps", str(size.gan_steps)]
+
+    def evaluation_set(model: str) -> Stage:
+        return Stage(f"eval-{model}", f"Synthesize {size.eval_per_class} images of every class ({model}, for FDD)", "synthesize",
+                ["--generator", str(runs / model / "generator"), "--out", str(syn / model),
+                 "--target-per-class", str(size.eval_per_class)])
+
     return [
-        ("Phantom chest X-rays in NIH's layout", "make_phantoms",
+        Stage("phantoms", "Phantom chest X-rays in NIH's layout", "make_phantoms",
          ["--out", str(out / "phantoms"), "--num-images", str(size.images),
           "--min-per-class", str(size.min_per_class), "--resolution", str(size.resolution)]),
-        ("Ingest to class-partitioned Parquet shards", "ingest_nih",
+        Stage("ingest", "Ingest to class-partitioned Parquet shards", "ingest_nih",
          ["--nih-root", str(out / "phantoms"), "--out", str(real),
           "--resolution", str(size.resolution), "--rows-per-file", "500"]),
-        ("Train the proposed multi-scale GAN with attention", "train",
-         [*gan, "--run-name", "proposed", "--max-steps", str(size.gan_steps)]),
-        ("Train the cDCGAN baseline (same budget)", "train",
-         [*gan, "--run-name", "cdcgan", "--model", "cdcgan", "--max-steps", str(size.baseline_steps)]),
-        ("Synthesize a class-balanced set (proposed)", "synthesize",
-         ["--generator", str(runs / "proposed" / "generator"), "--out", str(syn / "proposed"),
+        Stage("train-proposed", "Train the proposed multi-scale GAN with attention", "train", [*gan, "--run-name", "proposed"]),
+        Stage("train-cdcgan", "Train the cDCGAN baseline (same budget)", "train", [*gan, "--run-name", "cdcgan", "--model", "cdcgan"]),
+        evaluation_set("proposed"),
+        evaluation_set("cdcgan"),
+        Stage("balanced", "Synthesize the class-balanced training set (proposed)", "synthesize",
+         ["--generator", str(runs / "proposed" / "generator"), "--out", str(syn / "proposed-balanced"),
           "--target-per-class", str(size.target_per_class), "--balance-against", str(real)]),
-        ("Synthesize a class-balanced set (cDCGAN)", "synthesize",
-         ["--generator", str(runs / "cdcgan" / "generator"), "--out", str(syn / "cdcgan"),
-          "--target-per-class", str(size.target_per_class), "--balance-against", str(real)]),
-        ("Train the DenseNet classifier on real X-rays (FDD's features)", "train_classifier",
+        Stage("classifier", "Train the DenseNet classifier on real X-rays (FDD's features)", "train_classifier",
          ["--real", str(real), "--out", str(out / "classifier"), *size.classifier]),
-        ("FDD per class (Table 1)", "fdd",
+        Stage("fdd", "FDD and class-consistency per class (Table 1)", "fdd",
          ["--real", str(real), "--synthetic", f"proposed={syn / 'proposed'}",
           "--synthetic", f"cdcgan={syn / 'cdcgan'}", "--classifier",
           str(out / "classifier" / "classifier"), "--out", str(out / "fdd"),
-          "--max-per-class", str(size.fdd_per_class)]),
-        ("Downstream utility: real only vs real + synthetic", "evaluate_utility",
-         ["--real", str(real), "--synthetic", str(syn / "proposed"), "--out", str(out / "utility"),
+          "--max-per-class", str(size.eval_per_class)]),
+        Stage("utility", "Downstream utility: real only vs real + synthetic", "evaluate_utility",
+         ["--real", str(real), "--synthetic", str(syn / "proposed-balanced"), "--out", str(out / "utility"),
           "--target-per-class", str(size.target_per_class), *size.classifier]),
-        ("Report", "report",
+        Stage("report", "Report", "report",
          ["--out", str(out / "report"), "--run", str(runs / "proposed"),
           "--baseline-run", str(runs / "cdcgan"), "--real", str(real),
           "--synthetic", f"proposed={syn / 'proposed'}", "--synthetic", f"cdcgan={syn / 'cdcgan'}",
+          "--balanced", f"proposed={syn / 'proposed-balanced'}",
           "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / "utility.json")]),
     ]
 
@@ -101,7 +118,7 @@ def main(argv=None) -> int:
     init_ray()
     started = time.time()
     steps = stages(out, size)
-    for number, (title, module, job_argv) in enumerate(steps, 1):
+    for number, (_, title, module, job_argv) in enumerate(steps, 1):
         print(f"\n=== [{number}/{len(steps)}] {title}  ({time.time() - started:.0f}s)\n"
               f"$ python jobs/{module}.py {shlex.join(job_argv)}", flush=True)
         job = importlib.import_module(f"jobs.{module}")

@@ -12,6 +12,11 @@ def test_quick_demo_runs_the_whole_chain(ray_session, tmp_path, capsys):
 
     fdd = json.loads((tmp_path / "fdd" / "fdd.json").read_text())
     assert set(fdd["synthetic"]) == {"proposed", "cdcgan"}
+    # The evaluation sets hold the same count of every class, Normal included, so FDD and
+    # class-consistency are over all nine classes at equal sizes.
+    assert len(fdd["classes"]) == 9 and "Normal" in fdd["classes"]
+    for row in fdd["synthetic"].values():
+        assert set(row["n"].values()) == {demo.QUICK.eval_per_class}
     utility = json.loads((tmp_path / "utility" / "utility.json").read_text())
     assert set(utility["arms"]) == {"real", "real+synthetic"}
     html = (tmp_path / "report" / "report.html").read_text()
@@ -19,6 +24,6 @@ def test_quick_demo_runs_the_whole_chain(ray_session, tmp_path, capsys):
         assert heading in html
     assert "data:image/png;base64," in html
     # Balancing made every class reach the target: real train + synthetic = target per class.
-    synth = json.loads((tmp_path / "synthetic" / "proposed" / "manifest.json").read_text())
+    synth = json.loads((tmp_path / "synthetic" / "proposed-balanced" / "manifest.json").read_text())
     target = demo.QUICK.target_per_class
     assert all(p["real"] + p["to_generate"] == max(target, p["real"]) for p in synth["plan"])
