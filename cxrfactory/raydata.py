@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,24 @@ from ray.data.expressions import col
 
 from cxrfactory import shards
 from cxrfactory.storage import Location, check_readable, resolve
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Datasets created inside draw no progress bars and log no execution plans.
+
+    For the datasets a Ray Train worker consumes: they execute once per epoch inside Ray's
+    split coordinator, where each execution would log its plan and a progress bar, five lines
+    an epoch; the trainer prints its own progress. A dataset keeps the context it was made
+    in, so the settings hold wherever it executes.
+    """
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
 def shard_uris(root: Location, manifest: shards.Manifest, classes: Sequence[str] | None = None) -> list[str]:

@@ -439,6 +439,7 @@ def train_classifier(config: ClassifierConfig,
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cxrfactory.raydata import quiet_datasets
     from cxrfactory.runtime import init_ray
     from cxrfactory.training.classifier_loop import (
         inverse_frequency_weights,
@@ -470,7 +471,8 @@ def train_classifier(config: ClassifierConfig,
     metrics_uri = run.join(METRICS_FILE).uri
 
     # Train
-    train_ds, val_ds = build_datasets(config, mix)
+    with quiet_datasets():
+        train_ds, val_ds = build_datasets(config, mix)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "classes": list(mix.classes),

@@ -213,6 +213,14 @@ def build_train_dataset(
 ):
     """One epoch's stream of ready rows: ``image_b{i}`` float32 ``(1, R_i, R_i)`` in [-1, 1] per
     branch and ``label`` (class index). Each execution (epoch) draws and shuffles anew."""
+    from cxrfactory.raydata import quiet_datasets
+
+    with quiet_datasets():
+        return _train_dataset(data_uri, plan, resolutions, seed=seed, s3_endpoint=s3_endpoint)
+
+
+def _train_dataset(data_uri: str, plan: EpochPlan, resolutions: Sequence[int], *, seed: int,
+                   s3_endpoint: str | None):
     from ray.data import RandomSeedConfig
 
     from cxrfactory.raydata import read_shards
