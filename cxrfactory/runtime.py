@@ -45,6 +45,21 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
+def quiet_train_reports() -> None:
+    """In a Ray Train worker: drop Ray's INFO line for every ``ray.train.report`` call.
+
+    Ray Train 2.60 logs each report (its whole metrics dict) through a logger named after its
+    source file (``logging.getLogger(__file__)`` in ``ray/train/v2/_internal/execution/
+    context.py``), so ``RunConfig(logging_config=LoggingConfig(log_level="WARNING"))``, which
+    filters ``ray.train.*`` names, does not reach it. Our workers print their own progress.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def run_job(main: Callable[[Sequence[str] | None], int | None],
             argv: Sequence[str] | None = None) -> None:
     """Run a job's ``main`` and exit: 0 on success, 2 with ``error: ...`` for bad input."""

@@ -123,7 +123,13 @@ def test_epoch_plan_rejects_unusable_data(counts, classes, batch, message):
 def test_balanced_stream_is_exact_shuffled_per_epoch_and_ready(ray_session, real_shards):
     manifest = read_train_manifest(real_shards)
     plan = plan_epochs(manifest, DEFAULT_CLASSES, class_balanced=True, global_batch=8, num_workers=1)
+    ctx = ray_session.data.DataContext.get_current()
+    before = ctx.enable_progress_bars, ctx.print_on_execution_start
     ds = build_train_dataset(real_shards, plan, [8, 16, 32], seed=0)
+    # Executed once per epoch by Ray's split coordinator: no progress bars or plan logs there,
+    # and the driver's own settings are left as they were.
+    assert (ds.context.enable_progress_bars, ds.context.print_on_execution_start) == (False, False)
+    assert (ctx.enable_progress_bars, ctx.print_on_execution_start) == before
     epochs = []
     for _ in range(2):
         batches = list(ds.iter_batches(batch_size=None))
@@ -142,6 +148,24 @@ def test_balanced_stream_is_exact_shuffled_per_epoch_and_ready(ray_session, real
     # Lower branches are exactly GANTrainer's area pyramid of the top image.
     top = torch.from_numpy(b["image_b2"].copy())
     torch.testing.assert_close(torch.from_numpy(b["image_b0"].copy()), F.interpolate(top, size=(8, 8), mode="area"))
+
+
+def test_report_log_lines_are_quietened_in_workers():
+    """Ray logs every report's whole metrics dict through a logger named after its file."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from cxrfactory.runtime import quiet_train_reports
+
+    report_logger = logging.getLogger(context.__file__)
+    previous = report_logger.level
+    try:
+        quiet_train_reports()
+        assert not report_logger.isEnabledFor(logging.INFO)
+        assert report_logger.isEnabledFor(logging.WARNING)
+    finally:
+        report_logger.setLevel(previous)
 
 
 def test_balanced_draw_counts_are_exact_and_change_per_epoch():

@@ -132,6 +132,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from cxrfactory.runtime import quiet_train_reports
+
+    quiet_train_reports()
+
     config = ClassifierConfig.from_dict(loop_config["config"])
     classes = tuple(loop_config["classes"])
     metrics_uri = loop_config["metrics_uri"]

@@ -288,6 +288,9 @@ def _param_digest(trainer: GANTrainer) -> str:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point (one process per data-parallel replica)."""
+    from cxrfactory.runtime import quiet_train_reports
+
+    quiet_train_reports()
     _WorkerLoop(loop_config).run()
 
 
