@@ -348,7 +348,7 @@ def summary_lines(fdd: Mapping[str, Any] | None = None,
                      f"{S.fmt(fdd['real'].get('class_consistency_mean'), 2)}, chance {1 / n:.2f}.")
     if utility:
         real, mixed = utility["arms"]["real"], utility["arms"]["real+synthetic"]
-        rare = ", ".join(f"{c} {S.fmt(utility['delta'][c], 3, signed=True)}" for c in utility["rare_classes"])
+        rare = S.rare_deltas(utility)
         lines.append(f"Downstream macro AUROC: real {S.fmt(real['macro_auroc'])} -> real+synthetic "
                      f"{S.fmt(mixed['macro_auroc'])} (Δ {S.fmt(utility['macro_delta'], signed=True)})"
                      + (f"; rare classes: {rare}" if rare else ""))

@@ -31,6 +31,17 @@ def fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     return f"{number:+.{digits}f}" if signed else f"{number:.{digits}f}"
 
 
+def opening(intro: str, absent: Sequence[str]) -> list[Block]:
+    """A section's first blocks: what it shows, then a note per input that is absent."""
+    return [Paragraph(intro), *(Note(text) for text in absent)]
+
+
+def rare_deltas(utility: Mapping[str, Any]) -> str:
+    """``"Pneumonia +0.004, Mass -0.001"``: the AUROC delta of each rare class, in the
+    experiment's order; empty when it names none."""
+    return ", ".join(f"{c} {fmt(utility['delta'][c], signed=True)}" for c in utility["rare_classes"])
+
+
 def _or_inf(value: Any) -> float:
     """For ranking FDDs: an undefined one ranks last."""
     number = finite(value)
@@ -69,13 +80,12 @@ def _run_row(role: str, run: RunInfo) -> tuple[str, ...]:
 
 def loss_section(runs: Sequence[tuple[str, RunInfo]], absent: Sequence[str]) -> Section:
     """Fig. 2: D and G losses of each run, a table of where each run stands, its last samples."""
-    blocks: list[Block] = [Paragraph(
+    blocks = opening(
         "Discriminator and generator losses (LSGAN; the paper's eq. 5 and 6) over training, as "
         "in the paper's Fig. 2. Thin lines are the branches (64, 128 and 256 px in the paper), "
         "the thick line their sum. Losses that settle without either one reaching zero mean the "
         "two networks are still teaching each other; a discriminator loss near zero means the "
-        "generator gets almost no gradient (the run then warns, and the table says when).")]
-    blocks += [Note(text) for text in absent]
+        "generator gets almost no gradient (the run then warns, and the table says when).", absent)
     if runs:
         blocks.append(Table("Training runs", (
             "run", "role", "model", "branches (px)", "step", "images", "lr (D)", "D steps per G",
@@ -114,12 +124,11 @@ def loss_section(runs: Sequence[tuple[str, RunInfo]], absent: Sequence[str]) -> 
 
 def fdd_section(result: Mapping[str, Any] | None, absent: Sequence[str]) -> Section:
     """Table 1: FDD per class with the real-vs-real floor; images counted; class-consistency."""
-    blocks: list[Block] = [Paragraph(
+    blocks = opening(
         "**FDD** (Fréchet DenseNet Distance) fits a Gaussian to the DenseNet-121 classifier's "
         "pooled features of the real images of a class and another to the synthetic images of "
         "that class, and reports the squared Fréchet distance between the two: **lower is "
-        "better**, 0 means identical statistics.")]
-    blocks += [Note(text) for text in absent]
+        "better**, 0 means identical statistics.", absent)
     if result is None:
         return Section(FDD, tuple(blocks))
     classes, real, clf = list(result["classes"]), result["real"], result["classifier"]
@@ -175,12 +184,11 @@ def fdd_section(result: Mapping[str, Any] | None, absent: Sequence[str]) -> Sect
 def samples_section(sources: Sequence[SampleImages], classes: Sequence[str], per_class: int,
                     tile_px: int, absent: Sequence[str]) -> Section:
     """Table 2: per class, real images next to each synthetic set's."""
-    blocks: list[Block] = [Paragraph(
+    blocks = opening(
         f"Per class, the first {per_class} real images (by image id) next to the first "
         f"{per_class} images of each synthetic set (by image id, i.e. by seed), as in the paper's "
         f"Table 2. Every tile is shown at {tile_px} px: larger images are downsampled, smaller "
-        "ones enlarged pixel by pixel, so a low-resolution generator looks as coarse as it is.")]
-    blocks += [Note(text) for text in absent]
+        "ones enlarged pixel by pixel, so a low-resolution generator looks as coarse as it is.", absent)
     for source in sources:
         lacking = [c for c in classes if len(source.images.get(c, [])) < per_class]
         if lacking:
@@ -237,12 +245,11 @@ def imbalance(counts: Mapping[str, int]) -> str:
 
 def balance_section(real: ShardSet | None, synthetic: Sequence[ShardSet], absent: Sequence[str]) -> Section:
     """Images per class before balancing (real) and after (real + each synthetic set)."""
-    blocks: list[Block] = [Paragraph(
+    blocks = opening(
         "Images per class in the real training split before balancing, and after adding each "
         "synthetic set. Balancing makes max(0, target − real) images of each class, so every "
         "class reaches the target and no real image is dropped; the imbalance row is the largest "
-        "class divided by the smallest.")]
-    blocks += [Note(text) for text in absent]
+        "class divided by the smallest.", absent)
     split, before, notes = balance_counts(real, synthetic)
     blocks += [Note(n[0].upper() + n[1:] + ".") for n in notes]
     names = [*before, *(c for s in synthetic for c in s.manifest.counts.get(SYNTHETIC_SPLIT, {}))]
@@ -292,14 +299,13 @@ def balance_section(real: ShardSet | None, synthetic: Sequence[ShardSet], absent
 
 def utility_section(utility: Mapping[str, Any] | None, absent: Sequence[str]) -> Section:
     """Per-class AUROC of a classifier trained on real vs real + synthetic images."""
-    blocks: list[Block] = [Paragraph(
+    blocks = opening(
         "Does synthetic data help a downstream model? The same multilabel classifier is trained "
         "on the real training split alone and on real plus synthetic images, and both are scored "
         "on the same real test split: per-class AUROC (one class against the rest; 0.5 is "
         "chance) and Δ = real+synthetic − real (positive: the synthetic images helped). Rare "
         "classes (†), those with the fewest real training images, are where balancing should "
-        "help most.")]
-    blocks += [Note(text) for text in absent]
+        "help most.", absent)
     if utility is None:
         return Section(UTILITY, tuple(blocks))
     real, mixed = utility["arms"]["real"], utility["arms"]["real+synthetic"]
@@ -316,8 +322,7 @@ def utility_section(utility: Mapping[str, Any] | None, absent: Sequence[str]) ->
                         ("class", "train images (real)", "train images (real+synthetic)",
                          "AUROC real", "AUROC real+synthetic", "Δ AUROC"), tuple(rows)))
     if rare:
-        blocks.append(Paragraph("Rare classes: " + ", ".join(
-            f"{c} {fmt(utility['delta'][c], signed=True)}" for c in utility["classes"] if c in rare) + "."))
+        blocks.append(Paragraph(f"Rare classes: {rare_deltas(utility)}."))
     if utility.get("config"):
         shown = ", ".join(f"{k} {v}" for k, v in utility["config"].items()
                           if isinstance(v, (int, float, str, bool)) and len(str(v)) < 60)
@@ -349,7 +354,7 @@ def headline(fdd: Mapping[str, Any] | None, utility: Mapping[str, Any] | None) -
                          f"(real images {fmt(real_cons, 2)}, chance {chance:.2f}).")
     if utility:
         real, mixed = utility["arms"]["real"], utility["arms"]["real+synthetic"]
-        rare = ", ".join(f"{c} {fmt(utility['delta'][c], signed=True)}" for c in utility["rare_classes"])
+        rare = rare_deltas(utility)
         lines.append(f"**Downstream**: macro AUROC {fmt(real['macro_auroc'])} (real) → "
                      f"{fmt(mixed['macro_auroc'])} (real+synthetic), "
                      f"Δ {fmt(utility['macro_delta'], signed=True)}"
