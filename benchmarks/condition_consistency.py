@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.config import load_config, parse_overrides  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, to_uint8  # noqa: E402
-from cxrfactory.models.densenet import load_classifier_artifact, preprocess  # noqa: E402
-from cxrfactory.shards import decode_png, list_shards, read_shard  # noqa: E402
-from cxrfactory.storage import resolve  # noqa: E402
+from cxrfactory.models.densenet import load_classifier_artifact, preprocess, read_classifier_config  # noqa: E402
+from cxrfactory.shards import decode_png, list_shards, read_manifest, read_shard  # noqa: E402
+from cxrfactory.storage import StorageError, check_readable, resolve  # noqa: E402
 from cxrfactory.training.gan import GANTrainer  # noqa: E402
 
 DEFAULT_ARMS = {"eq5": "gan.mismatch_weight=0", "mismatched": "gan.mismatch_weight=1"}
@@ -108,9 +108,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the curves here")
     args = p.parse_args(argv)
-    arms = dict(a.split("=", 1) for a in args.arm) if args.arm else DEFAULT_ARMS
-    if any(not v or "=" not in v for v in arms.values()):
-        p.error("--arm takes NAME=KEY=VALUE[,KEY=VALUE]")
+    if min(args.steps, args.eval_every, args.samples, args.threads) < 1:
+        p.error("--steps, --eval-every, --samples and --threads must be >= 1")
+    arms = dict(DEFAULT_ARMS)
+    if args.arm:
+        pairs = [a.partition("=") for a in args.arm]
+        if any(not name or not over or "=" not in over for name, _, over in pairs):
+            p.error(f"--arm takes NAME=KEY=VALUE[,KEY=VALUE], got {args.arm}")
+        arms = {name: over for name, _, over in pairs}
+    # Everything a worker would trip over, checked here: one clear line instead of a traceback
+    # from a pool process minutes later.
+    for name, over in arms.items():
+        try:
+            load_config("demo").with_overrides(parse_overrides(over.split(",")))
+        except ValueError as error:
+            p.error(f"--arm {name}: {error}")
+    try:
+        check_readable(resolve(args.real), "real shard folder")
+        read_manifest(resolve(args.real))
+        read_classifier_config(args.classifier)
+    except (ValueError, OSError, StorageError) as error:
+        p.error(str(error))
     # spawn: each arm a fresh interpreter with its own torch thread pool.
     with multiprocessing.get_context("spawn").Pool(len(arms)) as pool:
         results = pool.starmap(run_arm, [(name, over, args) for name, over in arms.items()])
