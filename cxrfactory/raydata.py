@@ -1,7 +1,7 @@
 """Shards as Ray Data datasets: the readers every Ray pipeline of the project starts from.
 
 Only the files the manifest lists are read (a stray or half-written file is never data), and
-the ``label`` column comes from the files themselves, so hive partitioning is not re-parsed.
+the ``label`` column comes from the files themselves (``partitioning=None``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ def quiet_datasets() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def shard_uris(root: Location, manifest: shards.Manifest, classes: Sequence[str] | None = None) -> list[str]:
-    """Filesystem paths of the listed shards, restricted to ``classes`` by their partition."""
-    wanted = None if classes is None else {f"label={c}" for c in classes}
-    return [root.join(f).path for f in manifest.files
-            if wanted is None or f.split("/", 1)[0] in wanted]
+def shard_uris(root: Location, manifest: shards.Manifest, classes: Sequence[str] | None = None,
+               split: str | None = None) -> list[str]:
+    """Filesystem paths of the listed shards that may hold ``classes`` in ``split``."""
+    return [root.join(f).path for f in shards.select_files(manifest, classes, split)]
 
 
 def read_shards(
@@ -64,7 +63,7 @@ def read_shards(
             raise ValueError(f"{uri} has no class {unknown}; it holds {', '.join(manifest.classes)}")
     if split is not None and split not in manifest.counts:
         raise ValueError(f"{uri} has no split {split!r}; it holds {', '.join(manifest.counts)}")
-    paths = shard_uris(root, manifest, classes)
+    paths = shard_uris(root, manifest, classes, split)
     if not paths:
         raise ValueError(f"{uri} lists no shard for classes {classes}")
     # Ray 2.60's V2 Parquet datasource lists files in a ListFiles task whose reused worker

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -73,6 +74,15 @@ def run_job(main: Callable[[Sequence[str] | None], int | None],
               file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command a job was run with, for the outputs' records (``python jobs/x.py ...``).
+
+    ``argv`` is what the job's ``main`` received; None means the process's own arguments.
+    """
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return shlex.join(["python", f"jobs/{os.path.basename(script)}", *args])
 
 
 #: A synthetic set's name on the command line (``--synthetic NAME=URI``): a plain word.

@@ -1,12 +1,25 @@
-"""The product's format: Parquet shards, hive-partitioned by class, plus ``manifest.json``.
+"""The product's format: Parquet shards in one folder per split and class, plus sidecars.
 
-Layout (DESIGN "Shards")::
+Layout (format 2; docs/architecture.md "Shards")::
 
-    <root>/label=<Class>/part-00000.parquet
-    <root>/manifest.json            # written last; lists every shard file
+    <root>/train/Mass/part-00000.parquet   # <split>/<Class>/part-NNNNN.parquet
+    <root>/synthetic/Mass/part-00000.parquet
+    <root>/_README.md                      # dataset card (YAML header for the Hub)
+    <root>/_plan.json                      # written first by a resumable writer
+    <root>/_manifest.json                  # written last; lists every shard file
+
+Why this shape: every data tool opens ``<root>`` with its defaults. Sidecars start with ``_``,
+which pandas, pyarrow, Polars, DuckDB globs, Hugging Face ``datasets`` and Ray Data all skip;
+the folders carry no ``key=value`` names, so no hive reader adds a partition column that
+clashes with the stored ``label`` (format 1 had ``label=<Class>/`` folders and ``label`` in
+the files: pandas inferred a dictionary partition and refused to merge it with the string
+column). ``label`` and ``split`` live in the files, so a reader without hive support (Hugging
+Face ``datasets``, a single file) still has them; ``datasets`` infers the splits ``train``,
+``validation``, ``test`` from the folder names.
 
 The ``image`` column is a struct ``{bytes, path}`` holding grayscale PNG bytes: the layout of a
-Hugging Face ``datasets.Image`` feature, so ``datasets`` decodes it without conversion.
+Hugging Face ``datasets.Image`` feature, and the files say so in their schema metadata, so
+``datasets`` decodes it to a PIL image without a cast.
 
 A reader trusts a manifest only when every file it lists is present (:func:`read_manifest`).
 This module imports no Ray; the Ray Data readers live in :mod:`cxrfactory.raydata`.
@@ -17,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+import logging
+import posixpath
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,13 +45,36 @@ from PIL import Image
 from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot
 from cxrfactory.storage import Location, StorageError, check_readable, resolve
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 2  # 1: label=<Class>/ folders and manifest.json (migrate with jobs/migrate_shards.py)
+READABLE_FORMATS = (1, 2)
+MANIFEST_NAME = "_manifest.json"
+LEGACY_MANIFEST_NAME = "manifest.json"  # format 1
+CARD_NAME = "_README.md"
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLIT = "synthetic"
 SOURCES = ("nih", "phantom", "synthetic")
+MIGRATE_COMMAND = "python jobs/migrate_shards.py"
+
+log = logging.getLogger(__name__)
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+#: Hugging Face ``datasets`` features, carried in every file's schema metadata (the key and
+#: layout ``datasets`` itself writes): ``image`` decodes to a PIL image with no cast. Columns
+#: left out (``findings``) are inferred from their Arrow type by every ``datasets`` version.
+HF_FEATURES = {
+    "image_id": {"dtype": "string", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "label": {"dtype": "string", "_type": "Value"},
+    "split": {"dtype": "string", "_type": "Value"},
+    "patient_id": {"dtype": "int64", "_type": "Value"},
+    "source": {"dtype": "string", "_type": "Value"},
+    "seed": {"dtype": "int64", "_type": "Value"},
+    "generator": {"dtype": "string", "_type": "Value"},
+    "height": {"dtype": "int32", "_type": "Value"},
+    "width": {"dtype": "int32", "_type": "Value"},
+}
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": HF_FEATURES}}).encode()}
 
 SCHEMA = pa.schema(
     [
@@ -51,7 +89,8 @@ SCHEMA = pa.schema(
         ("generator", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
-    ]
+    ],
+    metadata=HF_METADATA,
 )
 
 # Parquet footer key under which a writer records what the shard left out (skipped inputs).
@@ -109,10 +148,10 @@ def make_table(rows: list[dict[str, Any]]) -> pa.Table:
 def table_to_parquet_bytes(table: pa.Table, skipped: list[dict] | None = None) -> bytes:
     """Serialise a shard; ``skipped`` inputs are kept in the footer so a resumed job can
     rebuild the manifest's ``skipped`` list without redoing the work."""
+    meta = {**(table.schema.metadata or {}), **HF_METADATA}
     if skipped:
-        meta = dict(table.schema.metadata or {})
         meta[SKIPPED_METADATA_KEY] = json.dumps(skipped).encode()
-        table = table.replace_schema_metadata(meta)
+    table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     # Images are already PNG-compressed; Parquet compression would only cost time.
     pq.write_table(table, sink, compression="none", use_dictionary=["label", "split", "source",
@@ -140,14 +179,43 @@ def shard_footer(loc: Location) -> tuple[int, list[dict]]:
     return meta.num_rows, (json.loads(raw) if raw else [])
 
 
-def shard_path(label: str, index: int) -> str:
-    """Relative path of the ``index``-th shard of a class: ``label=Mass/part-00003.parquet``."""
-    return f"label={label}/part-{index:05d}.parquet"
+def shard_path(split: str, label: str, index: int) -> str:
+    """Relative path of a class's ``index``-th shard in a split: ``train/Mass/part-00003.parquet``."""
+    return f"{split}/{label}/part-{index:05d}.parquet"
+
+
+def shard_class(path: str) -> str:
+    """The class a shard holds, from its relative path (either format's layout)."""
+    parts = path.split("/")
+    if parts[0].startswith("label="):  # format 1: label=<Class>/part-k.parquet
+        return parts[0].removeprefix("label=")
+    return parts[-2]
+
+
+def shard_split(path: str) -> str | None:
+    """The split a shard holds, from its path; None for format 1, whose files mix splits."""
+    return None if path.startswith("label=") else path.split("/", 1)[0]
+
+
+def select_files(manifest: "Manifest", classes: Collection[str] | None = None,
+                 split: str | None = None) -> list[str]:
+    """The listed shards that may hold rows of ``classes`` in ``split`` (None: any), by path.
+
+    A format-1 file mixes splits, so it is kept for any split: filter its rows on ``split``.
+    """
+    return [f for f in manifest.files
+            if (classes is None or shard_class(f) in classes)
+            and (split is None or shard_split(f) in (None, split))]
+
+
+def is_hidden(path: str) -> bool:
+    """True for what the data tools skip: a name or folder starting with ``_`` or ``.``."""
+    return any(part.startswith(("_", ".")) for part in path.split("/"))
 
 
 def list_shards(root: Location) -> list[str]:
-    """Relative paths of every Parquet shard below ``root``."""
-    return [p for p in root.list_files(".parquet") if p.startswith("label=")]
+    """Relative paths of every Parquet shard below ``root`` (what the plain readers see)."""
+    return [p for p in root.list_files(".parquet") if not is_hidden(p) and "/" in p]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +224,7 @@ def list_shards(root: Location) -> list[str]:
 
 @dataclass
 class Manifest:
-    """``manifest.json``: what a shard folder holds. Written last by every writer."""
+    """``_manifest.json``: what a shard folder holds. Written last by every writer."""
 
     source: str  # nih | phantom | synthetic
     classes: list[str]  # the class vocabulary of the rows, in order
@@ -180,8 +248,9 @@ class Manifest:
         missing = {"source", "classes", "counts", "files"} - set(data)
         if missing:
             raise ManifestError(f"manifest lacks {sorted(missing)}")
-        if data.get("format") != FORMAT_VERSION:
-            raise ManifestError(f"manifest format {data.get('format')!r} is not {FORMAT_VERSION}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise ManifestError(f"manifest format {data.get('format')!r} is not one of "
+                                f"{READABLE_FORMATS}; this cxrfactory is older than the folder")
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
 
@@ -200,24 +269,42 @@ class Manifest:
 
 
 def write_manifest(root: Location, manifest: Manifest) -> None:
+    """The dataset card, then the manifest: the manifest is the folder's mark of completion."""
+    from cxrfactory.dataset_card import render_card  # the card formats; it needs no I/O here
+
+    root.join(CARD_NAME).write_text(render_card(manifest))
     root.join(MANIFEST_NAME).write_text(manifest.to_json())
 
 
-def read_manifest(root: Location, *, verify: bool = True) -> Manifest:
-    """Read ``<root>/manifest.json``; with ``verify``, refuse it unless every listed shard exists."""
+def manifest_location(root: Location) -> Location:
+    """``<root>/_manifest.json``, or a format-1 folder's ``manifest.json`` (with a note on
+    migrating it); a :class:`ManifestError` when there is neither."""
     loc = root.join(MANIFEST_NAME)
     try:
+        if loc.exists():
+            return loc
+        legacy = root.join(LEGACY_MANIFEST_NAME)
+        if legacy.exists():
+            log.warning("%s is in the shard layout of format 1, which pandas and pyarrow cannot "
+                        "open; migrate it in place with: %s %s", root.uri, MIGRATE_COMMAND, root.uri)
+            return legacy
+    except OSError as exc:
+        raise StorageError(f"cannot read {loc.uri}: {exc}") from exc
+    raise ManifestError(
+        f"{root.uri} has no {MANIFEST_NAME}: not a shard folder, or its writer did not finish "
+        "(run the job again to complete it)")
+
+
+def read_manifest(root: Location, *, verify: bool = True) -> Manifest:
+    """Read ``<root>/_manifest.json``; with ``verify``, refuse it unless every listed shard exists."""
+    loc = manifest_location(root)
+    try:
         text = loc.read_text()
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{root.uri} has no {MANIFEST_NAME}: not a shard folder, or its writer did not finish "
-            "(run the job again to complete it)"
-        ) from None
     except OSError as exc:
         raise StorageError(f"cannot read {loc.uri}: {exc}") from exc
     try:
         manifest = Manifest.from_json(text)
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{loc.uri} is not a valid manifest: {exc}") from exc
     if verify:
         present = set(list_shards(root))
@@ -280,6 +367,10 @@ def prepare_output(root: Location, identity: dict[str, Any], *, overwrite: bool)
     if overwrite:
         root.delete_contents()
     manifest_loc, plan_loc = root.join(MANIFEST_NAME), root.join(PLAN_NAME)
+    if not manifest_loc.exists() and root.join(LEGACY_MANIFEST_NAME).exists():
+        raise OutputConflictError(
+            f"{root.uri} holds a finished dataset in the shard layout of format 1; migrate it "
+            f"with `{MIGRATE_COMMAND} {root.uri}`, choose another output or pass --overwrite")
     if manifest_loc.exists():
         manifest = read_manifest(root, verify=False)
         if manifest.extra.get("fingerprint") == fp:
@@ -318,7 +409,6 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Reading shards from plain PyTorch
-
 
 
 class ShardDataset:
@@ -366,8 +456,7 @@ class ShardDataset:
         self.target, self.transform, self.cache_files = target, transform, cache_files
 
         position = {c: i for i, c in enumerate(self.classes)}
-        self.files = [f for f in sorted(self.manifest.files)
-                      if f.split("/", 1)[0].removeprefix("label=") in position]
+        self.files = sorted(select_files(self.manifest, position, split))
         file_idx, row_idx, labels, findings, image_ids = [], [], [], [], []
         for k, rel in enumerate(self.files):
             table = read_shard(self.root.join(rel), columns=["image_id", "label", "findings", "split"])

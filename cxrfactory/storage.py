@@ -79,7 +79,7 @@ class Location:
                 continue
             rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.path
             # Temporary files of an interrupted local writer are not part of the data.
-            if not posixpath.basename(rel).startswith(".tmp-"):
+            if not is_temporary(posixpath.basename(rel)):
                 out.append(rel)
         return sorted(out)
 
@@ -130,6 +130,21 @@ def resolve(uri: str | os.PathLike, s3_endpoint: str | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), path, path, None)
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_name(name: str) -> str:
+    """Where a local writer puts ``name``'s bytes before the rename. The leading ``.`` hides
+    it from every directory reader (pyarrow, pandas, Ray Data skip ``.`` and ``_`` names) and
+    the suffix from every ``*.parquet`` glob (Polars, DuckDB), so a writer killed mid-file
+    leaves nothing a plain reader takes for data."""
+    return f".{name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
 def atomic_write_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` so that ``loc`` holds either the whole of it or nothing new."""
     parent = posixpath.dirname(loc.path)
@@ -142,7 +157,7 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
         except OSError as exc:
             raise StorageError(_explain_s3(exc, loc)) from exc
         return
-    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(loc.path)}")
+    tmp = posixpath.join(parent, temporary_name(posixpath.basename(loc.path)))
     try:
         os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as f:

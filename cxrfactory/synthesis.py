@@ -74,6 +74,7 @@ class SynthesisConfig:
     cpus_per_worker: float | None = None  # CPUs per actor (torch and PNG threads); None: the cluster's CPUs shared by the actors (at most 8 with GPUs)
     s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
     overwrite: bool = False  # replace whatever the output holds
+    command: str | None = None  # the command line that asked for it (for the dataset card)
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -111,7 +112,7 @@ class ClassPlan:
 class WorkItem:
     """One output file: images ``[start, stop)`` of one class."""
 
-    path: str  # relative to the output root, label=<Class>/part-0000k.parquet
+    path: str  # relative to the output root, synthetic/<Class>/part-0000k.parquet
     label: str
     class_index: int
     start: int
@@ -219,8 +220,9 @@ def plan_work(plan: Sequence[ClassPlan], rows_per_file: int) -> list[WorkItem]:
     items = []
     for cls in plan:
         for k, start in enumerate(range(0, cls.to_generate, rows_per_file)):
-            items.append(WorkItem(shards.shard_path(cls.label, k), cls.label, cls.class_index,
-                                  start, min(start + rows_per_file, cls.to_generate)))
+            path = shards.shard_path(shards.SYNTHETIC_SPLIT, cls.label, k)
+            items.append(WorkItem(path, cls.label, cls.class_index, start,
+                                  min(start + rows_per_file, cls.to_generate)))
     return items
 
 
@@ -538,5 +540,8 @@ def _manifest_from_shards(run: SynthesisRun) -> shards.Manifest:
             "balance_against": (None if config.balance_against is None
                                 else {"uri": config.balance_against, "split": config.split}),
             "fingerprint": shards.fingerprint(run.identity),
+            "generator_run": {k: run.artifact.meta[k] for k in ("run_name", "step", "images_seen")
+                              if k in run.artifact.meta},
+            "command": config.command,
         },
     )

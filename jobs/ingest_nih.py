@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.data.nih import IngestConfig, check_source, ingest  # noqa: E402
 from cxrfactory.labels import DEFAULT_CLASSES  # noqa: E402
-from cxrfactory.runtime import init_ray, run_job  # noqa: E402
+from cxrfactory.runtime import command_line, init_ray, run_job  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
         classes=tuple(args.classes) if args.classes else DEFAULT_CLASSES,
         include_multilabel=args.include_multilabel, rows_per_file=args.rows_per_file,
         s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
+        command=command_line(__file__, argv),
     )
     check_source(config.nih_root)
     init_ray()

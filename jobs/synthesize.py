@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.runtime import init_ray, run_job  # noqa: E402
+from cxrfactory.runtime import command_line, init_ray, run_job  # noqa: E402
 from cxrfactory.synthesis import SynthesisConfig, prepare_synthesis, run_synthesis  # noqa: E402
 
 
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, rows_per_file=args.rows_per_file, resolution=args.resolution,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
+        command=command_line(__file__, argv),
     )
     run = prepare_synthesis(config)  # every check on the input, before Ray starts
     if run.todo:

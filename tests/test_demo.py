@@ -24,6 +24,6 @@ def test_quick_demo_runs_the_whole_chain(ray_session, tmp_path, capsys):
         assert heading in html
     assert "data:image/png;base64," in html
     # Balancing made every class reach the target: real train + synthetic = target per class.
-    synth = json.loads((tmp_path / "synthetic" / "proposed-balanced" / "manifest.json").read_text())
+    synth = json.loads((tmp_path / "synthetic" / "proposed-balanced" / "_manifest.json").read_text())
     target = demo.QUICK.target_per_class
     assert all(p["real"] + p["to_generate"] == max(target, p["real"]) for p in synth["plan"])

@@ -81,8 +81,8 @@ def write_synthetic(real: Path, out: Path, noise: float, seed: int = 0) -> Path:
     files, counts = [], dict.fromkeys(CLASSES, 0)
     for label in CLASSES:
         part = [r for r in rows if r["label"] == label]
-        shards.write_shard(root.join(shards.shard_path(label, 0)), shards.make_table(part))
-        files.append(shards.shard_path(label, 0))
+        files.append(shards.shard_path("synthetic", label, 0))
+        shards.write_shard(root.join(files[-1]), shards.make_table(part))
         counts[label] = len(part)
     shards.write_manifest(root, shards.Manifest(source="synthetic", classes=list(CLASSES),
                                                 counts={"synthetic": counts}, files=files))

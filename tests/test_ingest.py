@@ -63,10 +63,11 @@ def test_counts_match_pandas_and_patients_never_straddle_splits(ray_session, nih
     img = shards.decode_png(rows["image"].iloc[0]["bytes"])
     assert img.shape == (RES, RES) and img.dtype == np.uint8
     assert (rows["height"] == RES).all() and (rows["width"] == RES).all()
-    # Every class partition holds only its own label.
+    # Every file holds only the split and class its path names.
     for f in manifest.files:
-        assert set(pq.read_table(out / f, columns=["label"])["label"].to_pylist()) == {
-            f.split("/")[0].removeprefix("label=")}
+        table = pq.read_table(out / f, columns=["label", "split"])
+        assert {(r["split"], r["label"]) for r in table.to_pylist()} == {
+            (shards.shard_split(f), shards.shard_class(f))}
 
 
 def test_resize_on_ingest_is_antialiased_to_the_requested_size(ray_session, nih_folder, tmp_path):
@@ -103,7 +104,7 @@ def test_rerun_completes_a_partial_output_and_refuses_different_settings(ray_ses
     config = nih.IngestConfig(nih_root=str(nih_folder), out=str(out), resolution=RES, rows_per_file=20)
     first = nih.ingest(config, log=lambda s: None)
     # Simulate a stop part way: the manifest and two shards are gone.
-    (out / "manifest.json").unlink()
+    (out / shards.MANIFEST_NAME).unlink()
     for f in first.files[:2]:
         (out / f).unlink()
     second = nih.ingest(config, log=lambda s: None)

@@ -88,7 +88,10 @@ def write_shards(root: Path, rows_by_class: dict[str, list[tuple[str, str, int]]
     loc, files, counts = resolve(root), [], {}
     for label, rows in rows_by_class.items():
         rows = sorted(rows, key=lambda r: -r[2])  # reverse order: the reader must sort
-        for k, part in enumerate((rows[::2], rows[1::2])):
+        pieces = [(split, part) for split in sorted({r[1] for r in rows})
+                  for part in ([r for r in rows if r[1] == split][::2],
+                               [r for r in rows if r[1] == split][1::2]) if part]
+        for k, (piece_split, part) in enumerate(pieces):
             table = shards.make_table([{
                 "image_id": image_id, "image": {"bytes": shards.encode_png(image_for(number)), "path": None},
                 "label": label, "findings": [label], "split": split,
@@ -96,7 +99,7 @@ def write_shards(root: Path, rows_by_class: dict[str, list[tuple[str, str, int]]
                 "seed": number if source == "synthetic" else None,
                 "generator": PROPOSED_SHA if source == "synthetic" else None,
                 "height": SIDE, "width": SIDE} for image_id, split, number in part])
-            path = shards.shard_path(label, k)
+            path = shards.shard_path(piece_split, label, k)
             shards.write_shard(loc.join(path), table)
             files.append(path)
             for _, split, _ in part:

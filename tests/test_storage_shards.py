@@ -28,36 +28,38 @@ def test_png_round_trip_is_exact():
 
 def test_shard_schema_and_skipped_footer(tmp_path):
     root = resolve(tmp_path)
-    loc = root.join(shards.shard_path("Mass", 0))
+    loc = root.join(shards.shard_path("train", "Mass", 0))
     shards.write_shard(loc, shards.make_table(_rows(3)), skipped=[{"path": "x.png", "reason": "missing"}])
     table = pq.read_table(loc.path)
     assert table.schema.equals(shards.SCHEMA, check_metadata=False)
+    # The Hugging Face features travel in the schema metadata, beside the skipped list.
+    assert json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["image"] == {"_type": "Image"}
     assert shards.shard_footer(loc) == (3, [{"path": "x.png", "reason": "missing"}])
-    assert shards.list_shards(root) == ["label=Mass/part-00000.parquet"]
+    assert shards.list_shards(root) == ["train/Mass/part-00000.parquet"]
     # No temporary file is left next to the shard.
-    assert [p.name for p in (tmp_path / "label=Mass").iterdir()] == ["part-00000.parquet"]
+    assert [p.name for p in (tmp_path / "train" / "Mass").iterdir()] == ["part-00000.parquet"]
 
 
 def test_manifest_is_trusted_only_when_its_shards_exist(tmp_path):
     root = resolve(tmp_path)
-    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(2)))
+    shards.write_shard(root.join("train/Mass/part-00000.parquet"), shards.make_table(_rows(2)))
     m = shards.Manifest(source="phantom", classes=["Mass"], counts={"train": {"Mass": 2}},
-                        files=["label=Mass/part-00000.parquet", "label=Mass/part-00001.parquet"],
+                        files=["train/Mass/part-00000.parquet", "train/Mass/part-00001.parquet"],
                         extra={"fingerprint": "abc"})
     shards.write_manifest(root, m)
     with pytest.raises(shards.ManifestError, match="missing"):
         shards.read_manifest(root)
     back = shards.read_manifest(root, verify=False)
     assert back.extra == {"fingerprint": "abc"} and back.counts == m.counts
-    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == 1
+    assert json.loads((tmp_path / "_manifest.json").read_text())["format"] == 2
 
 
 def test_prepare_output_resumes_same_plan_and_refuses_another(tmp_path):
     root = resolve(tmp_path / "out")
     assert shards.prepare_output(root, {"a": 1}, overwrite=False) == {"complete": None, "existing": set()}
-    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(1)))
+    shards.write_shard(root.join("train/Mass/part-00000.parquet"), shards.make_table(_rows(1)))
     state = shards.prepare_output(root, {"a": 1}, overwrite=False)
-    assert state["existing"] == {"label=Mass/part-00000.parquet"}
+    assert state["existing"] == {"train/Mass/part-00000.parquet"}
     with pytest.raises(shards.OutputConflictError, match="a: 1 -> 2"):
         shards.prepare_output(root, {"a": 2}, overwrite=False)
     assert shards.prepare_output(root, {"a": 2}, overwrite=True)["existing"] == set()
@@ -87,12 +89,12 @@ def test_unwritable_local_output_is_a_clear_error(tmp_path):
 def test_s3_round_trip(s3_bucket, s3_endpoint):
     root = resolve(f"{s3_bucket}/shards", s3_endpoint)
     check_writable(root)
-    shards.write_shard(root.join("label=Mass/part-00000.parquet"), shards.make_table(_rows(4)))
+    shards.write_shard(root.join("train/Mass/part-00000.parquet"), shards.make_table(_rows(4)))
     m = shards.Manifest(source="phantom", classes=["Mass"], counts={"train": {"Mass": 4}},
-                        files=["label=Mass/part-00000.parquet"])
+                        files=["train/Mass/part-00000.parquet"])
     shards.write_manifest(root, m)
     assert shards.read_manifest(root).total() == 4
-    table = shards.read_shard(root.join("label=Mass/part-00000.parquet"))
+    table = shards.read_shard(root.join("train/Mass/part-00000.parquet"))
     assert table.num_rows == 4
     assert shards.decode_png(table["image"][0]["bytes"].as_py()).shape == (8, 8)
 

@@ -363,9 +363,9 @@ def test_bad_inputs_give_clear_errors(real_shards, run_bucket, s3_endpoint, tmp_
 
     empty = tmp_path / "empty-class"
     shutil.copytree(real_shards, empty)
-    manifest = json.loads((empty / "manifest.json").read_text())
+    manifest = json.loads((empty / "_manifest.json").read_text())
     manifest["counts"]["train"]["Pneumonia"] = 0
-    (empty / "manifest.json").write_text(json.dumps(manifest))
+    (empty / "_manifest.json").write_text(json.dumps(manifest))
     assert "class Pneumonia has no training images" in _job_error(["--data", str(empty), *base], capsys)
 
     blocker = tmp_path / "a-file"

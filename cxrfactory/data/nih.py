@@ -61,6 +61,7 @@ class IngestConfig:
     test_fraction: float = 0.2  # of patients, when no official lists exist
     s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
     overwrite: bool = False  # replace whatever the output holds
+    command: str | None = None  # the command line that asked for it (for the dataset card)
 
     def __post_init__(self) -> None:
         self.classes = L.validate_classes(self.classes)
@@ -77,7 +78,8 @@ class IngestConfig:
 class ShardTask:
     """One output file: which rows go into it."""
 
-    path: str  # relative to the output root
+    path: str  # relative to the output root: <split>/<Class>/part-NNNNN.parquet
+    split: str
     label: str
     rows: list[dict[str, Any]] = field(default_factory=list)  # image_id, file, findings, split, patient_id
 
@@ -191,14 +193,19 @@ def assign_splits(rows: pd.DataFrame, root: Path, val_fraction: float, test_frac
 
 
 def plan_shards(rows: pd.DataFrame, classes: tuple[str, ...], rows_per_file: int) -> list[ShardTask]:
-    """Deterministic shard plan: per class, rows sorted by (split, image_id), R rows a file."""
+    """Deterministic shard plan: per split and class, rows sorted by image_id, R rows a file.
+
+    A file holds one split, so a reader of one split opens only its files, and Hugging Face
+    ``datasets`` finds the splits in the folder names.
+    """
     tasks: list[ShardTask] = []
-    for label in classes:
-        part = rows[rows["label"] == label].sort_values(["split", "image_id"])
-        records = part[["image_id", "file", "findings", "split", "patient_id"]].to_dict("records")
-        for k, start in enumerate(range(0, len(records), rows_per_file)):
-            tasks.append(ShardTask(shards.shard_path(label, k), label,
-                                   records[start:start + rows_per_file]))
+    for split in shards.SPLITS:
+        for label in classes:
+            part = rows[(rows["split"] == split) & (rows["label"] == label)].sort_values("image_id")
+            records = part[["image_id", "file", "findings", "split", "patient_id"]].to_dict("records")
+            for k, start in enumerate(range(0, len(records), rows_per_file)):
+                tasks.append(ShardTask(shards.shard_path(split, label, k), split, label,
+                                       records[start:start + rows_per_file]))
     return tasks
 
 
@@ -263,7 +270,7 @@ def check_source(nih_root: str) -> tuple[Path, Path]:
 
 
 def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.Manifest:
-    """Run the whole ingest; returns the manifest (also written to ``<out>/manifest.json``)."""
+    """Run the whole ingest; returns the manifest (also written to ``<out>/_manifest.json``)."""
     import ray  # the only Ray use here: the parallel shard writer
 
     root, csv_path = check_source(config.nih_root)
@@ -321,7 +328,7 @@ def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.M
     shards.write_manifest(out, manifest)
     bad = len(manifest.skipped)
     log(f"[ingest] {out.uri}: {manifest.total()} images"
-        + (f", {bad} skipped (listed in manifest.json)" if bad else ""))
+        + (f", {bad} skipped (listed in {shards.MANIFEST_NAME})" if bad else ""))
     log(shards.format_count_table(manifest))
     return manifest
 
@@ -347,5 +354,6 @@ def _manifest_from_shards(out: Location, tasks: list[ShardTask], source: str,
         files=[t.path for t in tasks],
         skipped=skipped,
         config=cfg,
-        extra={"fingerprint": shards.fingerprint(identity), "resolution": config.resolution},
+        extra={"fingerprint": shards.fingerprint(identity), "resolution": config.resolution,
+               "command": config.command},
     )

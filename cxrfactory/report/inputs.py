@@ -190,9 +190,8 @@ def first_images(shard_set: ShardSet, classes: list[str], split: str, k: int) ->
     read from the files that hold a chosen row. The choice does not depend on file order.
     """
     out = SampleImages(shard_set.name, split)
-    files = sorted(shard_set.manifest.files)
     for label in classes:
-        mine = [f for f in files if f.split("/", 1)[0] == f"label={label}"]
+        mine = shards.select_files(shard_set.manifest, [label], split)
         candidates: list[tuple[str, str, int]] = []  # (image_id, file, row)
         for rel in mine:
             table = shards.read_shard(shard_set.root.join(rel), columns=["image_id", "split", "label"])

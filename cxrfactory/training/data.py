@@ -154,12 +154,11 @@ def read_class_ids(data_uri: str, classes: Sequence[str], *, split: str = TRAIN_
     root = resolve(data_uri, s3_endpoint)
     manifest = shards.read_manifest(root)
     ids: dict[str, list[str]] = {c: [] for c in classes}
-    for rel in manifest.files:
-        label = rel.split("/", 1)[0].removeprefix("label=")
-        if label in ids:
-            with root.fs.open_input_file(root.join(rel).path) as f:
-                table = pq.read_table(f, columns=["image_id", "split"])
-            ids[label].extend(table.filter(pc.equal(table.column("split"), split)).column("image_id").to_pylist())
+    for rel in shards.select_files(manifest, ids, split):
+        label = shards.shard_class(rel)
+        with root.fs.open_input_file(root.join(rel).path) as f:
+            table = pq.read_table(f, columns=["image_id", "split"])
+        ids[label].extend(table.filter(pc.equal(table.column("split"), split)).column("image_id").to_pylist())
     return {c: np.array(sorted(v)) for c, v in ids.items()}
 
 
@@ -300,9 +299,7 @@ def load_split_tensors(data_uri: str, classes: Sequence[str], resolutions: Seque
     root = resolve(data_uri, s3_endpoint)
     manifest = shards.read_manifest(root)
     tables = []
-    for rel in manifest.files:
-        if rel.split("/", 1)[0].removeprefix("label=") not in classes:
-            continue
+    for rel in shards.select_files(manifest, classes, split):
         with root.fs.open_input_file(root.join(rel).path) as f:
             table = pq.read_table(f, columns=list(COLUMNS))
         tables.append(table.filter(pc.equal(table.column("split"), split)))

@@ -1,0 +1,95 @@
+"""Migrate a shard folder of format 1 (``label=<Class>/`` folders, ``manifest.json``) in place.
+
+Format 1 could not be opened by pandas or pyarrow (see :mod:`cxrfactory.shards`). Migration
+rewrites each file ``label=<Class>/part-k.parquet`` as one file per split it holds,
+``<split>/<Class>/part-k.parquet`` (the rows and their bytes unchanged, in their order; the
+footer's list of skipped inputs kept), then writes the card and ``_manifest.json``, and only
+then deletes the old files and, last, ``manifest.json``.
+
+Nothing is lost at any point: until ``_manifest.json`` is written the old folder is whole; after
+it, the new one is verified before anything old is deleted. A stopped migration is completed by
+running it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pyarrow.compute as pc
+
+from cxrfactory import shards
+from cxrfactory.storage import Location, check_readable, check_writable, resolve
+
+
+def migrate(uri: str, *, s3_endpoint: str | None = None,
+            log: Callable[[str], None] = print) -> shards.Manifest:
+    """Bring the shard folder at ``uri`` to the current format; returns its new manifest."""
+    root = resolve(uri, s3_endpoint)
+    check_readable(root, "shard folder")
+    legacy_loc = root.join(shards.LEGACY_MANIFEST_NAME)
+    current_loc = root.join(shards.MANIFEST_NAME)
+    if not legacy_loc.exists():
+        manifest = shards.read_manifest(root)  # a clear error when it is no shard folder at all
+        log(f"[migrate] {root.uri} is already in shard format {manifest.format}; nothing to do")
+        return manifest
+    check_writable(root)
+    legacy = shards.Manifest.from_json(legacy_loc.read_text())
+    if current_loc.exists():  # a previous migration stopped while deleting the old files
+        manifest = shards.read_manifest(root)
+    else:
+        shards.read_manifest(root)  # every old file present, or a clear error before any write
+        manifest = _rewrite(root, legacy, log)
+        shards.write_manifest(root, manifest)
+        shards.read_manifest(root)  # verified before anything old goes
+    old = [f for f in legacy.files if f not in set(manifest.files)]
+    for rel in old:
+        loc = root.join(rel)
+        if loc.exists():
+            loc.fs.delete_file(loc.path)
+    if not root.is_s3:  # S3 has no folders; locally the emptied label=<Class>/ folders go too
+        for folder in sorted({rel.rsplit("/", 1)[0] for rel in old}):
+            loc = root.join(folder)
+            if loc.exists() and not loc.list_files():
+                loc.fs.delete_dir(loc.path)
+    legacy_loc.fs.delete_file(legacy_loc.path)
+    log(f"[migrate] {root.uri}: {len(legacy.files)} file(s) of format {legacy.format} -> "
+        f"{len(manifest.files)} of format {manifest.format}, {manifest.total()} rows")
+    return manifest
+
+
+def _rewrite(root: Location, legacy: shards.Manifest, log: Callable[[str], None]) -> shards.Manifest:
+    """Write the new files; the new manifest keeps every field but the file list and format."""
+    files, rows = [], 0
+    for rel in legacy.files:
+        label, index = shards.shard_class(rel), _index(rel)
+        table = shards.read_shard(root.join(rel))
+        _, skipped = shards.shard_footer(root.join(rel))
+        splits = table.column("split").unique().to_pylist()
+        for k, split in enumerate(sorted(splits)):
+            part = table.filter(pc.equal(table.column("split"), split))
+            new = shards.shard_path(split, label, index)
+            # The skipped inputs stay in a footer (the first piece's), as a resumed ingest
+            # rebuilds the manifest's list from the footers.
+            shards.write_shard(root.join(new), part.cast(shards.SCHEMA), skipped if k == 0 else None)
+            files.append(new)
+            rows += part.num_rows
+        if not splits and skipped:  # every input of this file was skipped: keep the record
+            files.append(shards.shard_path(_only_split(legacy), label, index))
+            shards.write_shard(root.join(files[-1]), shards.make_table([]), skipped)
+    if rows != legacy.total():
+        raise shards.ManifestError(f"{root.uri}: the files hold {rows} rows where "
+                                   f"{shards.LEGACY_MANIFEST_NAME} counts {legacy.total()}; "
+                                   "nothing was deleted, the folder is not a complete set")
+    log(f"[migrate] {root.uri}: rewrote {len(legacy.files)} file(s) as {len(files)}")
+    return dataclasses.replace(legacy, files=files, format=shards.FORMAT_VERSION)
+
+
+def _index(rel: str) -> int:
+    """``label=Mass/part-00003.parquet`` -> 3."""
+    return int(rel.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet"))
+
+
+def _only_split(manifest: shards.Manifest) -> str:
+    """Where an empty file goes: the set's one split, else ``train``."""
+    return next(iter(manifest.counts)) if len(manifest.counts) == 1 else "train"
