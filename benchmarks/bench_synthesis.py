@@ -97,7 +97,7 @@ def writer_in_process(net, sha: str, classes, per_class: int, args, out: Path,
     with Clock() as clock:
         for item in items:
             writer({k: np.array([getattr(item, k)]) for k in ("path", "label", "class_index", "start", "stop")})
-    sizes = [len(b) for p in out.glob("synthetic/*/*.parquet")
+    sizes = [len(b) for p in out.glob("train/*/*.parquet")
              for b in pq.read_table(p, columns=["image"]).column("image").combine_chunks().field("bytes").to_pylist()]
     n = len(classes) * per_class
     return n / clock.wall, n / clock.cpu, float(np.mean(sizes))

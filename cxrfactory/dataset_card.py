@@ -20,9 +20,8 @@ import yaml
 from cxrfactory import shards
 
 #: The split names Hugging Face ``datasets`` gives our split folders when it infers them
-#: itself (``val`` -> ``validation``; a ``synthetic`` folder has no split keyword, so it is
-#: ``train``, which is what synthetic rows are for). The card uses the same names, so a user
-#: gets the same splits with and without it.
+#: itself (``val`` -> ``validation``; synthetic rows live in ``train/``). The card uses the
+#: same names, so a user gets the same splits with and without it.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test", shards.SYNTHETIC_SPLIT: "train"}
 
 NIH_LICENSE = (
@@ -89,7 +88,7 @@ def _hub_splits(manifest: shards.Manifest) -> dict[str, tuple[list[str], int]]:
     for split in manifest.counts:
         name = HF_SPLITS.get(split, split)
         folders, n = out.get(name, ([], 0))
-        out[name] = ([*folders, split], n + manifest.total(split))
+        out[name] = ([*folders, shards.SPLIT_FOLDERS.get(split, split)], n + manifest.total(split))
     return out
 
 
@@ -162,7 +161,8 @@ def _license(manifest: shards.Manifest) -> str:
 
 
 def _files(manifest: shards.Manifest) -> str:
-    return (f"- `<split>/<Class>/part-NNNNN.parquet`: {len(manifest.files)} shard file(s)\n"
+    return (f"- `<split folder>/<Class>/part-NNNNN.parquet`: {len(manifest.files)} shard "
+            "file(s); synthetic rows are in `train/` (their `split` column says `synthetic`)\n"
             f"- `{shards.MANIFEST_NAME}`: counts, files, the resolved config; written last, so "
             "its presence means the folder is complete\n"
             f"- `{shards.PLAN_NAME}`: what the writer set out to make (lets a stopped run resume)\n"

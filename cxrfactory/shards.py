@@ -2,8 +2,8 @@
 
 Layout (format 2; docs/architecture.md "Shards")::
 
-    <root>/train/Mass/part-00000.parquet   # <split>/<Class>/part-NNNNN.parquet
-    <root>/synthetic/Mass/part-00000.parquet
+    <root>/train/Mass/part-00000.parquet   # <folder>/<Class>/part-NNNNN.parquet
+    <root>/val/Mass/part-00000.parquet     # folders train, val, test; synthetic rows in train/
     <root>/_README.md                      # dataset card (YAML header for the Hub)
     <root>/_plan.json                      # written first by a resumable writer
     <root>/_manifest.json                  # written last; lists every shard file
@@ -14,8 +14,10 @@ the folders carry no ``key=value`` names, so no hive reader adds a partition col
 clashes with the stored ``label`` (format 1 had ``label=<Class>/`` folders and ``label`` in
 the files: pandas inferred a dictionary partition and refused to merge it with the string
 column). ``label`` and ``split`` live in the files, so a reader without hive support (Hugging
-Face ``datasets``, a single file) still has them; ``datasets`` infers the splits ``train``,
-``validation``, ``test`` from the folder names.
+Face ``datasets``, a single file) still has them. Folders are named after the split a reader
+uses the rows for (:data:`SPLIT_FOLDERS`): ``datasets`` infers its splits ``train``,
+``validation``, ``test`` from them, and a folder without such a name would make it read every
+file of the root, sidecars included, as data.
 
 The ``image`` column is a struct ``{bytes, path}`` holding grayscale PNG bytes: the layout of a
 Hugging Face ``datasets.Image`` feature, and the files say so in their schema metadata, so
@@ -54,6 +56,9 @@ SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLIT = "synthetic"
 SOURCES = ("nih", "phantom", "synthetic")
 MIGRATE_COMMAND = "python jobs/migrate_shards.py"
+#: The folder a split's files live in. Synthetic rows are training data to whoever reads them;
+#: their ``split`` column still says ``synthetic``.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "test": "test", SYNTHETIC_SPLIT: "train"}
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +186,7 @@ def shard_footer(loc: Location) -> tuple[int, list[dict]]:
 
 def shard_path(split: str, label: str, index: int) -> str:
     """Relative path of a class's ``index``-th shard in a split: ``train/Mass/part-00003.parquet``."""
-    return f"{split}/{label}/part-{index:05d}.parquet"
+    return f"{SPLIT_FOLDERS.get(split, split)}/{label}/part-{index:05d}.parquet"
 
 
 def shard_class(path: str) -> str:
@@ -192,8 +197,9 @@ def shard_class(path: str) -> str:
     return parts[-2]
 
 
-def shard_split(path: str) -> str | None:
-    """The split a shard holds, from its path; None for format 1, whose files mix splits."""
+def shard_folder(path: str) -> str | None:
+    """The split folder of a shard (:data:`SPLIT_FOLDERS`); None for format 1, whose files
+    mix splits."""
     return None if path.startswith("label=") else path.split("/", 1)[0]
 
 
@@ -201,11 +207,12 @@ def select_files(manifest: "Manifest", classes: Collection[str] | None = None,
                  split: str | None = None) -> list[str]:
     """The listed shards that may hold rows of ``classes`` in ``split`` (None: any), by path.
 
-    A format-1 file mixes splits, so it is kept for any split: filter its rows on ``split``.
+    A folder may hold rows of another split (a synthetic set's ``train/``), and a format-1 file
+    mixes splits: filter the rows on ``split`` too.
     """
     return [f for f in manifest.files
             if (classes is None or shard_class(f) in classes)
-            and (split is None or shard_split(f) in (None, split))]
+            and (split is None or shard_folder(f) in (None, SPLIT_FOLDERS.get(split, split)))]
 
 
 def is_hidden(path: str) -> bool:

@@ -112,7 +112,7 @@ class ClassPlan:
 class WorkItem:
     """One output file: images ``[start, stop)`` of one class."""
 
-    path: str  # relative to the output root, synthetic/<Class>/part-0000k.parquet
+    path: str  # relative to the output root, train/<Class>/part-0000k.parquet (shards.shard_path)
     label: str
     class_index: int
     start: int

@@ -67,7 +67,7 @@ def test_counts_match_pandas_and_patients_never_straddle_splits(ray_session, nih
     for f in manifest.files:
         table = pq.read_table(out / f, columns=["label", "split"])
         assert {(r["split"], r["label"]) for r in table.to_pylist()} == {
-            (shards.shard_split(f), shards.shard_class(f))}
+            (shards.shard_folder(f), shards.shard_class(f))}
 
 
 def test_resize_on_ingest_is_antialiased_to_the_requested_size(ray_session, nih_folder, tmp_path):

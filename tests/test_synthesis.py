@@ -68,7 +68,7 @@ def reference(ray_session, generator_dir, tmp_path_factory) -> Path:
 
 def _shard_files(root: Path) -> list[Path]:
     """The shard files below ``root``, without an interrupted writer's hidden temporary files."""
-    return [p for p in sorted(root.glob("synthetic/*/*.parquet")) if not p.name.startswith(".")]
+    return [p for p in sorted(root.glob("train/*/*.parquet")) if not p.name.startswith(".")]
 
 
 def _images_by_id(root: Path) -> dict[str, bytes]:
@@ -106,9 +106,9 @@ def test_plan_balances_real_counts_and_cuts_files_of_r_rows():
         ("Normal", 0, 14, 0), ("Effusion", 1, 3, 7), ("Mass", 2, 0, 10)]
     items = plan_work(plan, rows_per_file=4)
     assert [(i.path, i.start, i.stop) for i in items] == [
-        ("synthetic/Effusion/part-00000.parquet", 0, 4), ("synthetic/Effusion/part-00001.parquet", 4, 7),
-        ("synthetic/Mass/part-00000.parquet", 0, 4), ("synthetic/Mass/part-00001.parquet", 4, 8),
-        ("synthetic/Mass/part-00002.parquet", 8, 10)]
+        ("train/Effusion/part-00000.parquet", 0, 4), ("train/Effusion/part-00001.parquet", 4, 7),
+        ("train/Mass/part-00000.parquet", 0, 4), ("train/Mass/part-00001.parquet", 4, 8),
+        ("train/Mass/part-00002.parquet", 8, 10)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +124,14 @@ def test_local_run_has_exact_counts_schema_and_manifest(reference, generator_dir
     assert manifest.extra["plan"] == [{"class": c, "real": 0, "to_generate": N} for c in CLASSES]
     assert sorted(manifest.files) == sorted(shards.list_shards(resolve(reference)))
 
-    table = pq.read_table(sorted(reference.glob("synthetic/Mass/*.parquet"))[0])
+    table = pq.read_table(sorted(reference.glob("train/Mass/*.parquet"))[0])
     assert table.schema.equals(shards.SCHEMA, check_metadata=False)
     row = table.slice(0, 1).to_pylist()[0]
     assert row["image_id"] == f"syn-Mass-{row['seed']}" and row["seed"] == image_seed(0, 2, 0)
     assert (row["label"], row["findings"], row["split"], row["source"]) == ("Mass", ["Mass"], "synthetic", "synthetic")
     assert row["patient_id"] is None and row["generator"] == artifact.sha256
     assert (row["height"], row["width"]) == (16, 16) == shards.decode_png(row["image"]["bytes"]).shape
-    normal = pq.read_table(reference / "synthetic/Normal/part-00000.parquet", columns=["findings"])
+    normal = pq.read_table(reference / "train/Normal/part-00000.parquet", columns=["findings"])
     assert normal.column("findings").to_pylist() == [[]] * R
 
     images = _images_by_id(reference)
@@ -153,7 +153,7 @@ def test_another_batch_size_changes_a_pixel_by_at_most_one_grey_level(reference,
     writer = ShardWriter(weights=artifact.generator.state_dict(), config=artifact.config.to_dict(),
                          generator_sha256=artifact.sha256, out=str(tmp_path), s3_endpoint=None,
                          seed=0, resolution=16, batch_size=3, threads=1, use_gpu=False)
-    path = "synthetic/Effusion/part-00001.parquet"
+    path = "train/Effusion/part-00001.parquet"
     summary = writer({"path": np.array([path]), "label": np.array(["Effusion"]),
                       "class_index": np.array([1]), "start": np.array([R]), "stop": np.array([2 * R])})
     assert summary["rows"] == [R]
@@ -166,7 +166,7 @@ def test_another_batch_size_changes_a_pixel_by_at_most_one_grey_level(reference,
 
 def test_regenerate_remakes_each_row_from_its_seed(reference, generator_dir):
     artifact = load_generator_artifact(str(generator_dir))
-    rows = pq.read_table(reference / "synthetic/Effusion/part-00002.parquet").to_pylist()
+    rows = pq.read_table(reference / "train/Effusion/part-00002.parquet").to_pylist()
     for row in rows:
         np.testing.assert_array_equal(regenerate(row, artifact), shards.decode_png(row["image"]["bytes"]))
     with pytest.raises(SynthesisError, match="not by this artifact"):
@@ -179,8 +179,8 @@ def test_interrupted_run_is_completed_with_exact_counts(ray_session, reference, 
     out = tmp_path / "synth"
     shutil.copytree(reference, out)
     (out / shards.MANIFEST_NAME).unlink()
-    removed = ["synthetic/Normal/part-00001.parquet", "synthetic/Mass/part-00000.parquet",
-               "synthetic/Mass/part-00002.parquet"]
+    removed = ["train/Normal/part-00001.parquet", "train/Mass/part-00000.parquet",
+               "train/Mass/part-00002.parquet"]
     for rel in removed:
         folder, name = rel.rsplit("/", 1)
         (out / rel).rename(out / folder / f".{name}.0123.tmp")
