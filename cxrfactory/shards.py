@@ -1,6 +1,6 @@
 """The product's format: Parquet shards in one folder per split and class, plus sidecars.
 
-Layout (format 2; docs/architecture.md "Shards")::
+Layout (format 2; README "The data format")::
 
     <root>/train/Mass/part-00000.parquet   # <folder>/<Class>/part-NNNNN.parquet
     <root>/val/Mass/part-00000.parquet     # folders train, val, test; synthetic rows in train/

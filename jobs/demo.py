@@ -76,7 +76,7 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
         Stage("phantoms", "Phantom chest X-rays in NIH's layout", "make_phantoms",
          ["--out", str(out / "phantoms"), "--num-images", str(size.images),
           "--min-per-class", str(size.min_per_class), "--resolution", str(size.resolution)]),
-        Stage("ingest", "Ingest to class-partitioned Parquet shards", "ingest_nih",
+        Stage("ingest", "Ingest to Parquet shards by split and class", "ingest_nih",
          ["--nih-root", str(out / "phantoms"), "--out", str(real),
           "--resolution", str(size.resolution), "--rows-per-file", "500"]),
         Stage("train-proposed", "Train the proposed multi-scale GAN with attention", "train", [*gan, "--run-name", "proposed"]),

@@ -1,4 +1,4 @@
-"""NIH ChestX-ray14 (or a phantom folder in the same layout) -> class-partitioned Parquet shards.
+"""NIH ChestX-ray14 (or a phantom folder in the same layout) -> Parquet shards by split and class.
 
 The folder layout is the one NIH's tarballs unpack to::
 
