@@ -34,7 +34,11 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
         log(f"[migrate] {root.uri} is already in shard format {manifest.format}; nothing to do")
         return manifest
     check_writable(root)
-    legacy = shards.Manifest.from_json(legacy_loc.read_text())
+    try:
+        legacy = shards.Manifest.from_json(legacy_loc.read_text())
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise shards.ManifestError(f"{legacy_loc.uri} is not a valid manifest: {exc}; "
+                                   "nothing was changed") from exc
     if current_loc.exists():  # a previous migration stopped while deleting the old files
         manifest = shards.read_manifest(root)
     else:

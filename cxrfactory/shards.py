@@ -9,15 +9,15 @@ Layout (format 2; README "The data format")::
     <root>/_manifest.json                  # written last; lists every shard file
 
 Why this shape: every data tool opens ``<root>`` with its defaults. Sidecars start with ``_``,
-which pandas, pyarrow, Polars, DuckDB globs, Hugging Face ``datasets`` and Ray Data all skip;
-the folders carry no ``key=value`` names, so no hive reader adds a partition column that
+which pandas, pyarrow and Ray Data skip, and are no ``*.parquet`` for Polars' and DuckDB's
+globs; the folders carry no ``key=value`` names, so no hive reader adds a partition column that
 clashes with the stored ``label`` (format 1 had ``label=<Class>/`` folders and ``label`` in
 the files: pandas inferred a dictionary partition and refused to merge it with the string
 column). ``label`` and ``split`` live in the files, so a reader without hive support (Hugging
 Face ``datasets``, a single file) still has them. Folders are named after the split a reader
-uses the rows for (:data:`SPLIT_FOLDERS`): ``datasets`` infers its splits ``train``,
-``validation``, ``test`` from them, and a folder without such a name would make it read every
-file of the root, sidecars included, as data.
+uses the rows for (:data:`SPLIT_FOLDERS`): Hugging Face ``datasets`` infers its splits
+``train``, ``validation``, ``test`` from them and reads only what is below them; a folder
+without such a name would make it read every file of the root, sidecars included, as data.
 
 The ``image`` column is a struct ``{bytes, path}`` holding grayscale PNG bytes: the layout of a
 Hugging Face ``datasets.Image`` feature, and the files say so in their schema metadata, so
@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import logging
-import posixpath
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -306,11 +305,11 @@ def read_manifest(root: Location, *, verify: bool = True) -> Manifest:
     """Read ``<root>/_manifest.json``; with ``verify``, refuse it unless every listed shard exists."""
     loc = manifest_location(root)
     try:
-        text = loc.read_text()
+        data = loc.read_bytes()
     except OSError as exc:
         raise StorageError(f"cannot read {loc.uri}: {exc}") from exc
     try:
-        manifest = Manifest.from_json(text)
+        manifest = Manifest.from_json(data.decode("utf-8"))
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{loc.uri} is not a valid manifest: {exc}") from exc
     if verify:

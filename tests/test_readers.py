@@ -405,3 +405,13 @@ def test_migrating_what_is_not_a_shard_folder_is_a_clear_error(tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "has no _manifest.json" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    # A format-1 manifest that is not JSON is named, and nothing is touched.
+    (tmp_path / "label=Mass").mkdir()
+    (tmp_path / "label=Mass" / "part-00000.parquet").write_bytes(b"PAR1")
+    (tmp_path / shards.LEGACY_MANIFEST_NAME).write_bytes(b"\x00\xff not json")
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(job.main, [str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / shards.LEGACY_MANIFEST_NAME} is not a valid manifest" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "label=Mass", "manifest.json", "notes.txt", "part-00000.parquet"]

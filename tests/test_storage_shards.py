@@ -52,6 +52,10 @@ def test_manifest_is_trusted_only_when_its_shards_exist(tmp_path):
     back = shards.read_manifest(root, verify=False)
     assert back.extra == {"fingerprint": "abc"} and back.counts == m.counts
     assert json.loads((tmp_path / "_manifest.json").read_text())["format"] == 2
+    # A manifest that is not text is named in the error.
+    (tmp_path / "_manifest.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(shards.ManifestError, match="_manifest.json is not a valid manifest"):
+        shards.read_manifest(root)
 
 
 def test_prepare_output_resumes_same_plan_and_refuses_another(tmp_path):
