@@ -97,6 +97,10 @@ class ModelConfig:
         return [self.base_resolution * 2**i for i in range(self.num_branches)]
 
 
+#: Where G_ema's BatchNorm statistics come from (GANConfig.ema_batchnorm).
+EMA_BATCHNORM = ("copy", "standing")
+
+
 @dataclass(frozen=True)
 class GANConfig:
     """Adversarial optimisation: LSGAN constants, D/G alternation, Adam, EMA, tau schedule."""
@@ -111,6 +115,8 @@ class GANConfig:
     mismatch_weight: float = 0.0  # weight of StackGAN++'s mismatched pairs (real image, wrong class) in D's conditional term; 0 = eq. 5 as printed
     ema_half_life_images: float = 10_000.0  # G_ema half-life in generated images (StyleGAN-style); 0 disables averaging (G_ema = G)
     ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen so far, so short runs average; None: no ramp-up
+    ema_batchnorm: str = "copy"  # G_ema's BatchNorm statistics: "copy" (the live G's) or "standing" (recomputed with G_ema before every sample grid and export)
+    standing_images: int = 2048  # generated images (batches of 64) that standing statistics average over
     tau_step: float = 0.1  # attention scale tau grows by this ...
     tau_every_epochs: int = 5  # ... every this many epochs, from 0 ...
     tau_max: float = 1.0  # ... up to this value
@@ -130,6 +136,11 @@ class GANConfig:
             raise ConfigError(f"gan.mismatch_weight must be >= 0, got {self.mismatch_weight}")
         if self.ema_half_life_images < 0:
             raise ConfigError("gan.ema_half_life_images must be >= 0")
+        if self.ema_batchnorm not in EMA_BATCHNORM:
+            raise ConfigError(f"gan.ema_batchnorm must be one of {', '.join(EMA_BATCHNORM)}, "
+                              f"got {self.ema_batchnorm!r}")
+        if self.standing_images < 64:
+            raise ConfigError(f"gan.standing_images must be >= 64 (one batch), got {self.standing_images}")
         if self.tau_every_epochs < 1:
             raise ConfigError(f"gan.tau_every_epochs must be >= 1, got {self.tau_every_epochs}")
         if self.tau_step < 0 or self.tau_max < 0:

@@ -161,8 +161,10 @@ def _license(manifest: shards.Manifest) -> str:
 
 
 def _files(manifest: shards.Manifest) -> str:
+    synthetic = ("; synthetic rows are in `train/` (their `split` column says `synthetic`)"
+                 if shards.SYNTHETIC_SPLIT in manifest.counts else "")
     return (f"- `<split folder>/<Class>/part-NNNNN.parquet`: {len(manifest.files)} shard "
-            "file(s); synthetic rows are in `train/` (their `split` column says `synthetic`)\n"
+            f"file(s){synthetic}\n"
             f"- `{shards.MANIFEST_NAME}`: counts, files, the resolved config; written last, so "
             "its presence means the folder is complete\n"
             f"- `{shards.PLAN_NAME}`: what the writer set out to make (lets a stopped run resume)\n"

@@ -228,8 +228,14 @@ def test_paper_protocol_is_capped_by_what_exists(first_run, fdd_inputs) -> None:
     result = run_job(["--real", str(fdd_inputs["real"]), "--synthetic", f"noisy={fdd_inputs['noisy']}",
                       "--classifier", str(fdd_inputs["classifier"]),
                       "--out", str(fdd_inputs["base"] / "paper"), "--paper-protocol"])
-    assert result["sampling"] == {"paper_protocol": {c: PAPER_PROTOCOL[c] for c in CLASSES}}
-    # a few phantoms per class: every row counts, the same as without a cap
+    # A few phantoms per class: every side draws the real split's count, and the one warning
+    # names each class below the paper's count.
+    assert result["sampling"] == {"paper_protocol": first_run["result"]["real"]["n"],
+                                  "paper_counts": {c: PAPER_PROTOCOL[c] for c in CLASSES}}
+    short = [w for w in result["warnings"] if "fewer images than the paper's count" in w]
+    assert len(short) == 1 and all(f"{c} {first_run['result']['real']['n'][c]} of "
+                                   f"{PAPER_PROTOCOL[c]}" in short[0] for c in CLASSES)
+    # the same rows as without a cap
     assert result["real"]["n"] == first_run["result"]["real"]["n"]
     assert result["synthetic"]["noisy"]["fdd"] == pytest.approx(
         first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
@@ -296,6 +302,9 @@ def test_feature_extractor_partials_merge_exactly(fdd_inputs) -> None:
 def test_paper_protocol_counts() -> None:
     config = FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True)
     assert config.wanted(["Pneumonia", "Mass"]) == {"Pneumonia": 242, "Mass": 729}
+    # A side with fewer rows than the paper's count sets the count of every side.
+    sides = {"real": {"Pneumonia": 51, "Mass": 900}, "synthetic": {"Pneumonia": 242, "Mass": 700}}
+    assert config.wanted(["Pneumonia", "Mass"], sides) == {"Pneumonia": 51, "Mass": 700}
     assert sum(PAPER_PROTOCOL.values()) == 5859 and "Normal" not in PAPER_PROTOCOL
     with pytest.raises(FDDError, match="not both"):
         FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True,

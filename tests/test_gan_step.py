@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -207,6 +208,74 @@ def test_ema_rampup_and_off():
     trainer.d_step(real, c)
     trainer.g_step(c)
     assert torch.equal(_flat(trainer.G_ema), _flat(trainer.G))
+
+
+def _batchnorm_inputs(net: torch.nn.Module, images: int, batch_size: int, seed: int) -> dict[str, list]:
+    """Per BatchNorm, the per-channel mean and unbiased variance of its input in each of the
+    train-mode batches standing statistics draw (the same noise and conditions), by hooks."""
+    seen: dict[str, list] = {}
+    hooks = []
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            def record(module, inputs, output, name=name):
+                x = inputs[0].transpose(0, 1).flatten(1)  # (C, everything else)
+                seen.setdefault(name, []).append((x.mean(1), x.var(1, unbiased=True)))
+            hooks.append(m.register_forward_hook(record))
+    rng = torch.Generator().manual_seed(seed)
+    net.train()
+    with torch.no_grad():
+        for b in range(images // batch_size):
+            labels = torch.arange(b * batch_size, (b + 1) * batch_size) % net.num_classes
+            net(torch.randn(batch_size, net.z_dim, generator=rng), F.one_hot(labels, net.num_classes).float())
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_standing_statistics_are_the_average_of_the_generators_own_batch_statistics():
+    from cxrfactory.models.sampling import standing_statistics
+
+    torch.manual_seed(0)
+    net = build_generator(TINY).eval()
+    reference = build_generator(TINY)
+    reference.load_state_dict(net.state_dict())
+    expected = _batchnorm_inputs(reference, 48, 16, seed=5)
+    standing_statistics(net, images=48, batch_size=16, seed=5)
+    assert not net.training and len(expected) >= 3
+    modules = dict(net.named_modules())
+    for name, stats in expected.items():
+        bn = modules[name]
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+        assert torch.allclose(bn.running_mean, torch.stack([m for m, _ in stats]).mean(0), atol=1e-5)
+        assert torch.allclose(bn.running_var, torch.stack([v for _, v in stats]).mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="batches of >= 2"):
+        standing_statistics(net, images=1, batch_size=1)
+
+
+@pytest.mark.parametrize("mode", ["copy", "standing"])
+def test_g_ema_batchnorm_statistics_are_its_own_only_when_standing(mode):
+    trainer = _trainer(ema_batchnorm=mode, standing_images=64, ema_half_life_images=30.0, ema_rampup=None,
+                       d_steps_per_g=1)
+    for i in range(4):
+        trainer.train_step(*_batch(seed=i))
+    noise_state = trainer.noise.get_state()
+    images = trainer.sample(_batch()[1], z=torch.zeros(6, TINY.z_dim))[-1]
+    assert torch.equal(trainer.noise.get_state(), noise_state)  # training's noise stream untouched
+    ema, live = dict(trainer.G_ema.named_buffers()), dict(trainer.G.named_buffers())
+    means = [n for n in ema if n.endswith("running_mean")]
+    same = [torch.equal(ema[n], live[n]) for n in means]
+    if mode == "copy":
+        assert all(same)
+    else:
+        assert not any(same)
+        expected = _batchnorm_inputs(copy.deepcopy(trainer.G_ema), 64, 64, seed=0)
+        for n in means:
+            module = n.removesuffix(".running_mean")
+            assert torch.allclose(ema[n], expected[module][0][0], atol=1e-5)
+        # Remade only after G_ema changed: a second sample gives the same images.
+        assert torch.equal(trainer.sample(_batch()[1], z=torch.zeros(6, TINY.z_dim))[-1], images)
+    with pytest.raises(ValueError, match="ema_batchnorm"):
+        GANConfig(ema_batchnorm="average")
 
 
 def test_checkpoint_resumes_bit_for_bit_with_weights_only_load():

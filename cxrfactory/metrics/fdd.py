@@ -94,10 +94,17 @@ class FDDConfig:
         if self.batch_rows < 1 or self.inference_batch < 1 or (self.workers or 1) < 1:
             raise FDDError("batch_rows, inference_batch and workers must be >= 1")
 
-    def wanted(self, classes: Sequence[str]) -> dict[str, int] | None:
-        """Rows asked per class (before capping by what exists); None: every row."""
+    def wanted(self, classes: Sequence[str],
+               sides: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, int] | None:
+        """Rows asked per class; None: every row.
+
+        With the paper protocol and the rows each side holds (``sides``: side -> class ->
+        rows), every side draws the same count, the paper's or the smallest side's if that is
+        less: a Fréchet distance between sets of unequal sizes carries their unequal bias.
+        """
         if self.paper_protocol:
-            return {c: PAPER_PROTOCOL[c] for c in classes}
+            return {c: min([PAPER_PROTOCOL[c], *(int(n.get(c, 0)) for n in (sides or {}).values())])
+                    for c in classes}
         if self.max_per_class is not None:
             return dict.fromkeys(classes, self.max_per_class)
         return None
@@ -348,7 +355,10 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
     sides.update({f"{uri} ({name})": synthetic[name].counts.get(shards.SYNTHETIC_SPLIT, {})
                   for name, uri in config.synthetic})
     classes = _choose_classes(config, sides)
-    wanted = config.wanted(classes)
+    wanted = config.wanted(classes, sides)
+    short = _under_paper_counts(config, wanted)
+    if short:
+        log(f"[fdd] warning: {short}")
     log(f"[fdd] classes: {', '.join(classes)}; " + ("all rows" if wanted is None else
         "per class at most " + ", ".join(f"{c} {n}" for c, n in wanted.items())))
 
@@ -402,7 +412,7 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
         log(f"[fdd] {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in rows[name]["fdd"].items()))
     sizes = {f"real ({config.split})": {c: real_stats.count(c) for c in classes},
              **{name: row["n"] for name, row in rows.items()}}
-    notes = _rank_notes(sizes, artifact.model.feature_dim)
+    notes = ([short] if short else []) + _rank_notes(sizes, artifact.model.feature_dim)
     for note in notes:
         log(f"[fdd] warning: {note}")
     result = {
@@ -414,7 +424,8 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
         "classifier": {"path": config.classifier, "sha256": artifact.sha256,
                        "classes": list(artifact.classes), "feature_dim": artifact.model.feature_dim,
                        "preprocessing": artifact.preprocessing.to_dict()},
-        "sampling": ({"paper_protocol": wanted} if config.paper_protocol else
+        "sampling": ({"paper_protocol": wanted,
+                      "paper_counts": {c: PAPER_PROTOCOL[c] for c in classes}} if config.paper_protocol else
                      {"max_per_class": config.max_per_class} if wanted else None),
         "real": {"uri": config.real, "split": config.split, "manifest_sha256": real_sha,
                  "n": sizes[f"real ({config.split})"],
@@ -429,6 +440,18 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
     write_outputs(result, out)
     log(f"[fdd] wrote {', '.join(out.join(name).uri for name in OUTPUTS)}")
     return result
+
+
+def _under_paper_counts(config: FDDConfig, wanted: Mapping[str, int] | None) -> str | None:
+    """The one warning that names the classes drawn below the paper's count, if any."""
+    if not config.paper_protocol or wanted is None:
+        return None
+    short = [f"{c} {n} of {PAPER_PROTOCOL[c]}" for c, n in wanted.items() if n < PAPER_PROTOCOL[c]]
+    if not short:
+        return None
+    return (f"fewer images than the paper's count for {len(short)} class(es) ({', '.join(short)}): "
+            "every side draws that smaller count, so the table compares equal counts but not the "
+            "paper's")
 
 
 def _rank_notes(counts: Mapping[str, Mapping[str, int]], dim: int) -> list[str]:

@@ -33,6 +33,43 @@ def noise_for_seeds(seeds: Sequence[int], z_dim: int) -> Tensor:
     return out
 
 
+@torch.no_grad()
+def standing_statistics(generator: nn.Module, *, images: int, batch_size: int = 64,
+                        seed: int = 0) -> None:
+    """Recompute ``generator``'s BatchNorm running statistics from its own outputs, in place.
+
+    BigGAN's "standing statistics": every BatchNorm's running mean and variance are reset and
+    then averaged (equal weight per batch, ``momentum=None``) over ``images // batch_size``
+    train-mode forward passes of fresh noise and class-balanced one-hot conditions. An
+    averaged generator (G_ema) otherwise runs with the statistics of the live G, which belong
+    to other weights. Deterministic for a given ``seed``; the caller's RNG streams are untouched.
+    """
+    net = unwrap(generator)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    if batch_size < 2 or images < batch_size:
+        raise ValueError(f"standing statistics need batches of >= 2 images and at least one "
+                         f"batch, got images={images}, batch_size={batch_size}")
+    device = next(net.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    momenta = [m.momentum for m in norms]
+    was_training = net.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+    net.train()
+    try:
+        for b in range(images // batch_size):
+            labels = torch.arange(b * batch_size, (b + 1) * batch_size, device=device) % net.num_classes
+            z = torch.randn(batch_size, net.z_dim, generator=rng, device=device)
+            net(z, torch.nn.functional.one_hot(labels, net.num_classes).float())
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        net.train(was_training)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Images in [-1, 1], ``(B, 1, H, W)`` -> uint8 ``(B, H, W)`` (x+1)*127.5 rounded, clipped."""
     assert images.ndim == 4 and images.shape[1] == 1, f"expected (B, 1, H, W), got {tuple(images.shape)}"

@@ -166,7 +166,9 @@ def fdd_section(result: Mapping[str, Any] | None, absent: Sequence[str]) -> Sect
                         ("set", *classes, "mean"), tuple(consistency)))
     sampling = result.get("sampling") or {}
     sampling = (f"at most {sampling['max_per_class']} images per class" if "max_per_class" in sampling
-                else "the paper's per-class counts" if "paper_protocol" in sampling else "every image")
+                else "the paper's per-class counts, equal on every side (the smallest side's "
+                "where a side holds fewer; the `n_images` rows give each class's)"
+                if "paper_protocol" in sampling else "every image")
     blocks.append(Paragraph(
         f"Classifier `{str(clf.get('sha256', ''))[:16]}`, {clf.get('feature_dim')}-d features at "
         f"{clf.get('preprocessing', {}).get('resolution', '?')} px; real `{real.get('uri')}` "

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrfactory.config import GANConfig
-from cxrfactory.models.sampling import unwrap
+from cxrfactory.models.sampling import standing_statistics, unwrap
 from cxrfactory.training.losses import BranchLosses, multiscale_d_loss, multiscale_g_loss, total
 
 #: Running-average weight of the D-loss collapse detector, and how many D steps it waits.
@@ -145,6 +145,7 @@ class GANTrainer:
         self.images_seen = 0  # real images consumed by D steps, all replicas
         self.epoch = 0
         self.tau = 0.0
+        self._standing_at: int | None = None  # g_steps when G_ema's standing statistics were made
         self._d_loss_avg = [float("nan")] * len(self.resolutions)
         self._warned_collapse = False
         self.set_epoch(0)
@@ -259,7 +260,8 @@ class GANTrainer:
         net = unwrap(self.G)
         for p_ema, p in zip(self.G_ema.parameters(), net.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - beta)
-        # BatchNorm running statistics and tau are copied, not averaged (StyleGAN does the same).
+        # BatchNorm running statistics and tau are copied, not averaged (StyleGAN does the same);
+        # with ema_batchnorm="standing", prepare_ema() replaces the statistics before G_ema is used.
         for b_ema, b in zip(self.G_ema.buffers(), net.buffers()):
             b_ema.copy_(b)
 
@@ -325,9 +327,20 @@ class GANTrainer:
         return out
 
     # -------------------------------------------------------------- sampling
+    def prepare_ema(self) -> nn.Module:
+        """G_ema, ready to sample from or export: with ``gan.ema_batchnorm="standing"`` its
+        BatchNorm statistics are its own (:func:`standing_statistics`, remade once per G
+        update); with ``"copy"`` they are the live G's."""
+        if self.config.ema_batchnorm == "standing" and self._standing_at != self.g_steps:
+            with self._autocast():
+                standing_statistics(self.G_ema, images=self.config.standing_images)
+            self._standing_at = self.g_steps
+        return self.G_ema
+
     @torch.no_grad()
     def sample(self, c: Tensor, z: Tensor | None = None) -> list[Tensor]:
         """G_ema's images (eval mode) for conditions ``c``; fresh noise unless ``z`` is given."""
+        self.prepare_ema()
         c = c.to(self.device, torch.float32)
         z = self._z(c.shape[0]) if z is None else z.to(self.device)
         with self._autocast():
@@ -360,6 +373,7 @@ class GANTrainer:
             raise ValueError(f"checkpoint has {len(state['discriminators'])} discriminators, trainer {len(self.Ds)}")
         unwrap(self.G).load_state_dict(state["generator"])
         self.G_ema.load_state_dict(state["generator_ema"])
+        self._standing_at = None  # the loaded statistics may be G's: remake before use
         for d, sd in zip(self.Ds, state["discriminators"]):
             unwrap(d).load_state_dict(sd)
         self.opt_g.load_state_dict(state["opt_g"])

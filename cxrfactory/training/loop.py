@@ -449,7 +449,7 @@ class _WorkerLoop:
             save_loss_curves(self.metrics.records, run.join(LOSS_CURVES_NAME), title=name)
             if final:
                 report["artifact_sha256"] = digest = save_generator_artifact(
-                    run.join(ARTIFACT_DIR), trainer.G_ema, self.config,
+                    run.join(ARTIFACT_DIR), trainer.prepare_ema(), self.config,
                     extra={"run_name": name, "step": pos.step, "images_seen": trainer.images_seen})
                 say(f"[train] generator artifact {run.join(ARTIFACT_DIR).uri} (sha256 {digest[:12]})")
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
