@@ -24,6 +24,7 @@ from PIL import Image
 
 from cxrfactory import shards
 from cxrfactory.storage import resolve
+from tests.test_synthesis import generator_dir  # noqa: F401  (the tiny generator fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 METADATA = REPO / "cxrfactory" / "data" / "nih_metadata" / "Data_Entry_2017_v2020.csv.gz"
@@ -35,15 +36,6 @@ def _offline_hub(monkeypatch, tmp_path):
     """Hugging Face ``datasets`` must not try the Hub, and caches in the test's folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
-@pytest.fixture(scope="module")
-def generator_dir(tmp_path_factory) -> Path:
-    from tests.test_synthesis import _save_tiny_generator
-
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    _save_tiny_generator(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
