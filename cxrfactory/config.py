@@ -50,7 +50,7 @@ class ModelConfig:
     base_resolution: int = 64  # first branch's output side in pixels (power of two >= 8)
     num_residual: int = 2  # residual blocks per later branch
     attention: bool = True  # self-attention after the first branch's up-blocks
-    attention_gain: bool = True  # a learnable SAGAN gain gamma (init 1) multiplies tau * attention; False: tau alone
+    attention_gain: bool = False  # a learnable SAGAN gain gamma (init 1) multiplies tau * attention; False: tau alone (the paper)
     channels: int = 1  # image channels (X-rays are grayscale)
 
     def __post_init__(self) -> None:

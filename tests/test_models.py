@@ -56,6 +56,8 @@ def test_presets_load_and_paper_matches_the_paper():
     assert (g.lr_g, g.lr_d, g.betas, g.d_steps_per_g) == (2e-5, 2e-5, (0.5, 0.999), 5)
     assert (g.loss_a, g.loss_b, g.loss_d, g.tau_step, g.tau_every_epochs, g.tau_max) == (0, 1, 1, 0.1, 5, 1.0)
     assert (paper.train.epochs, paper.train.batch_size) == (20, 16)
+    # Where the paper states nothing else: no sampler, and attention as x + tau * o.
+    assert (paper.train.class_balanced, paper.model.attention_gain) == (False, False)
     demo = load_config("demo")
     assert demo.resolutions == [16, 32, 64]
     assert (demo.gan.lr_g, demo.gan.d_steps_per_g) == (2e-4, 1)
@@ -147,7 +149,7 @@ def test_paper_widths_are_stackgan_plus_plus(paper_models):
 def test_parameter_counts_of_the_paper_preset_are_stable(paper_models):
     G, Ds = paper_models
     # Regression guard for the architecture (see docs/model_card.md for the table).
-    assert count_parameters(G) == 16_613_060
+    assert count_parameters(G) == 16_613_059  # no attention gain: the paper's x + tau * o
     assert [count_parameters(d) for d in Ds] == [5_172_162, 18_280_898, 70_712_770]
 
 
