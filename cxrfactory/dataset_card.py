@@ -24,6 +24,7 @@ from cxrfactory import shards
 #: same names, so a user gets the same splits with and without it.
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test", shards.SYNTHETIC_SPLIT: "train"}
 
+NIH_DOWNLOAD = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 NIH_LICENSE = (
     "Images derived from NIH ChestX-ray14 (NIH Clinical Center). NIH's terms: the use of the "
     "data is unrestricted, but users must link to the original download site "
@@ -69,6 +70,8 @@ def hub_metadata(manifest: shards.Manifest) -> dict[str, Any]:
     return {
         "pretty_name": _WHAT.get(manifest.source, (manifest.source,))[0],
         "license": "other",
+        "license_name": "nih-chestxray14-terms",
+        "license_link": NIH_DOWNLOAD,
         "task_categories": ["image-classification"],
         "tags": ["medical", "chest-x-ray", "cxrfactory", manifest.source],
         "configs": [{"config_name": "default", "data_files": [
@@ -88,7 +91,8 @@ def _hub_splits(manifest: shards.Manifest) -> dict[str, tuple[list[str], int]]:
     for split in manifest.counts:
         name = HF_SPLITS.get(split, split)
         folders, n = out.get(name, ([], 0))
-        out[name] = ([*folders, shards.SPLIT_FOLDERS.get(split, split)], n + manifest.total(split))
+        folder = shards.SPLIT_FOLDERS.get(split, split)
+        out[name] = (folders + [folder] * (folder not in folders), n + manifest.total(split))
     return out
 
 
@@ -134,8 +138,10 @@ def _provenance(manifest: shards.Manifest) -> list[str]:
         items.append(f"- {len(manifest.skipped)} input image(s) skipped, each with its reason, "
                      f"in `{shards.MANIFEST_NAME}`")
     command = extra.get("command")
-    items.append(f"- made by: `{command}`" if command else
-                 "- made through the Python API (no command line recorded)")
+    if extra.get("migrated_from_format"):
+        items.append(f"- migrated in place from shard format {extra['migrated_from_format']} "
+                     "(`jobs/migrate_shards.py`)")
+    items.append(f"- made by: `{command}`" if command else "- made by: no command line recorded")
     return ["\n".join(items) + "\n"]
 
 
@@ -167,5 +173,6 @@ def _files(manifest: shards.Manifest) -> str:
             f"file(s){synthetic}\n"
             f"- `{shards.MANIFEST_NAME}`: counts, files, the resolved config; written last, so "
             "its presence means the folder is complete\n"
-            f"- `{shards.PLAN_NAME}`: what the writer set out to make (lets a stopped run resume)\n"
+            f"- `{shards.PLAN_NAME}` (from the project's jobs): what the writer set out to make, "
+            "so a stopped run resumes\n"
             f"- `{shards.CARD_NAME}`: this card (as `README.md` on the Hugging Face Hub)\n")

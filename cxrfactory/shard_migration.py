@@ -14,6 +14,7 @@ running it again.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import pyarrow.compute as pc
@@ -30,6 +31,10 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
     legacy_loc = root.join(shards.LEGACY_MANIFEST_NAME)
     current_loc = root.join(shards.MANIFEST_NAME)
     if not legacy_loc.exists():
+        if not current_loc.exists() and any(p.startswith("label=") for p in root.list_files(".parquet")):
+            raise shards.ManifestError(
+                f"{root.uri} holds shards of an unfinished run of format 1 and no manifest: "
+                "finish the run with the cxrfactory that started it, then migrate; nothing was changed")
         manifest = shards.read_manifest(root)  # a clear error when it is no shard folder at all
         log(f"[migrate] {root.uri} is already in shard format {manifest.format}; nothing to do")
         return manifest
@@ -42,7 +47,9 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
     if current_loc.exists():  # a previous migration stopped while deleting the old files
         manifest = shards.read_manifest(root)
     else:
-        shards.read_manifest(root)  # every old file present, or a clear error before any write
+        # Every old file present, named and counted as the manifest says, before any write.
+        shards.read_manifest(root, note=False)
+        _check_files(root, legacy)
         manifest = _rewrite(root, legacy, log)
         shards.write_manifest(root, manifest)
         shards.read_manifest(root)  # verified before anything old goes
@@ -64,7 +71,7 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
 
 def _rewrite(root: Location, legacy: shards.Manifest, log: Callable[[str], None]) -> shards.Manifest:
     """Write the new files; the new manifest keeps every field but the file list and format."""
-    files, rows = [], 0
+    files = []
     for rel in legacy.files:
         label, index = shards.shard_class(rel), _index(rel)
         table = shards.read_shard(root.join(rel))
@@ -77,16 +84,28 @@ def _rewrite(root: Location, legacy: shards.Manifest, log: Callable[[str], None]
             # rebuilds the manifest's list from the footers.
             shards.write_shard(root.join(new), part.cast(shards.SCHEMA), skipped if k == 0 else None)
             files.append(new)
-            rows += part.num_rows
         if not splits and skipped:  # every input of this file was skipped: keep the record
             files.append(shards.shard_path(_only_split(legacy), label, index))
             shards.write_shard(root.join(files[-1]), shards.make_table([]), skipped)
+    log(f"[migrate] {root.uri}: rewrote {len(legacy.files)} file(s) as {len(files)}")
+    extra = {**legacy.extra, "migrated_from_format": legacy.format}
+    return dataclasses.replace(legacy, files=files, format=shards.FORMAT_VERSION, extra=extra)
+
+
+def _check_files(root: Location, legacy: shards.Manifest) -> None:
+    """Names of the format-1 layout, and as many rows in the footers as the manifest counts."""
+    bad = [f for f in legacy.files if not LEGACY_FILE.fullmatch(f)]
+    if bad:
+        raise shards.ManifestError(f"{root.uri}: {bad[0]} is not a file of shard format 1 "
+                                   "(label=<Class>/part-NNNNN.parquet); nothing was changed")
+    rows = sum(shards.shard_footer(root.join(f))[0] for f in legacy.files)
     if rows != legacy.total():
         raise shards.ManifestError(f"{root.uri}: the files hold {rows} rows where "
                                    f"{shards.LEGACY_MANIFEST_NAME} counts {legacy.total()}; "
-                                   "nothing was deleted, the folder is not a complete set")
-    log(f"[migrate] {root.uri}: rewrote {len(legacy.files)} file(s) as {len(files)}")
-    return dataclasses.replace(legacy, files=files, format=shards.FORMAT_VERSION)
+                                   "not a complete set, nothing was changed")
+
+
+LEGACY_FILE = re.compile(r"label=[^/]+/part-\d+\.parquet")
 
 
 def _index(rel: str) -> int:

@@ -254,6 +254,13 @@ class Manifest:
         missing = {"source", "classes", "counts", "files"} - set(data)
         if missing:
             raise ManifestError(f"manifest lacks {sorted(missing)}")
+        counts = data["counts"]
+        if not (isinstance(counts, dict) and all(
+                isinstance(per, dict) and all(isinstance(n, int) and n >= 0 for n in per.values())
+                for per in counts.values())):
+            raise ManifestError("manifest counts must map split -> class -> a count of rows")
+        if not (isinstance(data["files"], list) and all(isinstance(f, str) for f in data["files"])):
+            raise ManifestError("manifest files must be a list of relative paths")
         if data.get("format") not in READABLE_FORMATS:
             raise ManifestError(f"manifest format {data.get('format')!r} is not one of "
                                 f"{READABLE_FORMATS}; this cxrfactory is older than the folder")
@@ -282,17 +289,19 @@ def write_manifest(root: Location, manifest: Manifest) -> None:
     root.join(MANIFEST_NAME).write_text(manifest.to_json())
 
 
-def manifest_location(root: Location) -> Location:
+def manifest_location(root: Location, *, note: bool = True) -> Location:
     """``<root>/_manifest.json``, or a format-1 folder's ``manifest.json`` (with a note on
-    migrating it); a :class:`ManifestError` when there is neither."""
+    migrating it, unless ``note`` is False); a :class:`ManifestError` when there is neither."""
     loc = root.join(MANIFEST_NAME)
     try:
         if loc.exists():
             return loc
         legacy = root.join(LEGACY_MANIFEST_NAME)
         if legacy.exists():
-            log.warning("%s is in the shard layout of format 1, which pandas and pyarrow cannot "
-                        "open; migrate it in place with: %s %s", root.uri, MIGRATE_COMMAND, root.uri)
+            if note:
+                    log.warning("%s is in the shard layout of format 1, which pandas and pyarrow "
+                            "cannot open; migrate it in place with: %s %s", root.uri,
+                            MIGRATE_COMMAND, root.uri)
             return legacy
     except OSError as exc:
         raise StorageError(f"cannot read {loc.uri}: {exc}") from exc
@@ -301,9 +310,10 @@ def manifest_location(root: Location) -> Location:
         "(run the job again to complete it)")
 
 
-def read_manifest(root: Location, *, verify: bool = True) -> Manifest:
-    """Read ``<root>/_manifest.json``; with ``verify``, refuse it unless every listed shard exists."""
-    loc = manifest_location(root)
+def read_manifest(root: Location, *, verify: bool = True, note: bool = True) -> Manifest:
+    """Read ``<root>/_manifest.json``; with ``verify``, refuse it unless every listed shard
+    exists. ``note``: say how to migrate a format-1 folder (:func:`manifest_location`)."""
+    loc = manifest_location(root, note=note)
     try:
         data = loc.read_bytes()
     except OSError as exc:
@@ -377,11 +387,21 @@ def prepare_output(root: Location, identity: dict[str, Any], *, overwrite: bool)
         raise OutputConflictError(
             f"{root.uri} holds a finished dataset in the shard layout of format 1; migrate it "
             f"with `{MIGRATE_COMMAND} {root.uri}`, choose another output or pass --overwrite")
+    if not manifest_loc.exists() and any(p.startswith("label=") for p in root.list_files(".parquet")):
+        raise OutputConflictError(
+            f"{root.uri} holds shards of an unfinished run in the layout of format 1 (label=<Class>/ "
+            "folders); finish it with the cxrfactory that started it and migrate it, or pass "
+            "--overwrite to write it anew")
     if manifest_loc.exists():
         manifest = read_manifest(root, verify=False)
         if manifest.extra.get("fingerprint") == fp:
             read_manifest(root, verify=True)
             return {"complete": manifest, "existing": set(manifest.files)}
+        if manifest.extra.get("migrated_from_format"):
+            raise OutputConflictError(
+                f"{root.uri} holds a finished dataset migrated from shard format 1, whose plan "
+                "cannot be matched against this job's settings; use it as it is, choose another "
+                "output, or pass --overwrite to write it again")
         raise OutputConflictError(
             f"{root.uri} already holds a finished dataset made with other settings "
             f"(source {manifest.source!r}, created {manifest.created}); choose another output "

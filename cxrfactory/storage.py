@@ -43,7 +43,7 @@ class Location:
         return isinstance(self.fs, pafs.S3FileSystem)
 
     def join(self, *parts: str) -> "Location":
-        """A location below this one (``loc.join("label=Mass", "part-00000.parquet")``)."""
+        """A location below this one (``loc.join("train", "Mass", "part-00000.parquet")``)."""
         path = posixpath.join(self.path, *parts)
         uri = self.uri.rstrip("/") + "/" + "/".join(parts)
         return Location(self.fs, path, uri, self.s3_endpoint)
@@ -142,7 +142,9 @@ def temporary_name(name: str) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+    """A local writer's temporary file: :func:`temporary_name`'s, or cxrfactory 0.1's
+    ``.tmp-<id>-<name>``."""
+    return name.startswith(".") and (name.endswith(TEMPORARY_SUFFIX) or name.startswith(".tmp-"))
 
 
 def atomic_write_bytes(loc: Location, data: bytes) -> None:

@@ -11,8 +11,10 @@ set, a real-vs-real floor (two patient-disjoint halves of the real split), the i
 class and class-consistency (the classifier's accuracy on each class's rows). The real side's
 statistics are cached under <out>/cache (or --cache-dir) and reused by later runs with the same
 real shards, split, sampling and classifier; --real-stats names the file explicitly, and one
-made by another classifier is refused. --paper-protocol uses the paper's per-class counts
-(Atelectasis 1000, ..., Pneumothorax 539), capped by what exists. --classifier is the folder
+made by another classifier is refused. --paper-protocol draws the paper's per-class counts
+(Atelectasis 1000, ..., Pneumothorax 539) from every side, or the real split's count where it
+holds fewer (with a warning naming those classes), so both sides of a distance are equal in
+size; a synthetic set holding fewer is refused before any work. --classifier is the folder
 jobs/train_classifier.py writes (<out>/classifier).
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.runtime import run_job  # noqa: E402
+from cxrfactory.runtime import USER_ERRORS, run_job  # noqa: E402
 from cxrfactory.shard_migration import migrate  # noqa: E402
 
 
@@ -28,8 +28,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if len(args.roots) == 1:
+        migrate(args.roots[0], s3_endpoint=args.s3_endpoint)
+        return 0
+    failed = []  # one folder's problem does not stop the others
     for root in args.roots:
-        migrate(root, s3_endpoint=args.s3_endpoint)
+        try:
+            migrate(root, s3_endpoint=args.s3_endpoint)
+        except USER_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed.append(root)
+    if failed:
+        print(f"error: {len(failed)} of {len(args.roots)} folder(s) not migrated: {', '.join(failed)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -302,9 +302,19 @@ def test_feature_extractor_partials_merge_exactly(fdd_inputs) -> None:
 def test_paper_protocol_counts() -> None:
     config = FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True)
     assert config.wanted(["Pneumonia", "Mass"]) == {"Pneumonia": 242, "Mass": 729}
-    # A side with fewer rows than the paper's count sets the count of every side.
-    sides = {"real": {"Pneumonia": 51, "Mass": 900}, "synthetic": {"Pneumonia": 242, "Mass": 700}}
-    assert config.wanted(["Pneumonia", "Mass"], sides) == {"Pneumonia": 51, "Mass": 700}
+    # A real split with fewer rows than the paper's count sets the count of every side, and a
+    # synthetic set that cannot match it is refused before any work.
+    wanted = config.wanted(["Pneumonia", "Mass"], {"Pneumonia": 51, "Mass": 900})
+    assert wanted == {"Pneumonia": 51, "Mass": 729}
+    from cxrfactory import shards
+    from cxrfactory.metrics.fdd import _require_paper_counts
+
+    def made(n_mass):
+        return shards.Manifest(source="synthetic", classes=["Pneumonia", "Mass"], files=[],
+                               counts={"synthetic": {"Pneumonia": 242, "Mass": n_mass}})
+    _require_paper_counts(wanted, {"big": made(729)})
+    with pytest.raises(FDDError, match="synthetic set small holds fewer .* Mass 700 of 729"):
+        _require_paper_counts(wanted, {"big": made(729), "small": made(700)})
     assert sum(PAPER_PROTOCOL.values()) == 5859 and "Normal" not in PAPER_PROTOCOL
     with pytest.raises(FDDError, match="not both"):
         FDDConfig(real="r", synthetic=(("s", "u"),), classifier="c", out="o", paper_protocol=True,

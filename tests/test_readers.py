@@ -355,6 +355,9 @@ def test_a_format_1_folder_opens_with_a_note_and_migrates_in_place(local_sets, t
     shutil.copytree(local_sets["real"], old)
     _downgrade_to_format_1(old)
     before = _rows(old)
+    # What a 0.1 writer killed mid-file left: a truncated temporary file under its old name.
+    folder = next(old.glob("label=*"))
+    (folder / ".tmp-0123-part-00009.parquet").write_bytes(b"PAR1 cut short")
     # The project's readers still open it, and say how to migrate.
     with caplog.at_level("WARNING", logger="cxrfactory.shards"):
         assert len(shards.ShardDataset(str(old), split="train")) == sum(1 for r in before if r[2] == "train")
@@ -369,7 +372,26 @@ def test_a_format_1_folder_opens_with_a_note_and_migrates_in_place(local_sets, t
     manifest = shards.read_manifest(resolve(old))
     assert manifest.format == shards.FORMAT_VERSION and (old / shards.CARD_NAME).exists()
     check_reader("pandas", str(old), None)
+    check_reader("polars", str(old), None)  # its glob meets no leftover file
+    # A writer cannot tell whether the migrated set is what its settings would make: it says so.
+    with pytest.raises(shards.OutputConflictError, match="migrated from shard format 1"):
+        shards.prepare_output(resolve(old), {"kind": "ingest"}, overwrite=False)
     assert job.main([str(old)]) == 0 and _rows(old) == before  # a second run changes nothing
+
+
+def test_an_unfinished_format_1_run_is_refused_by_writers_and_migration(local_sets, tmp_path):
+    import jobs.migrate_shards as job
+
+    old = tmp_path / "old"
+    shutil.copytree(local_sets["synthetic"], old)
+    _downgrade_to_format_1(old)
+    (old / shards.LEGACY_MANIFEST_NAME).unlink()  # its writer stopped before the manifest
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    with pytest.raises(shards.OutputConflictError, match="unfinished run in the layout of format 1"):
+        shards.prepare_output(resolve(old), {"kind": "synthesize"}, overwrite=False)
+    with pytest.raises(shards.ManifestError, match="unfinished run of format 1"):
+        job.main([str(old)])
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before
 
 
 def test_a_stopped_migration_is_completed_by_running_it_again(local_sets, tmp_path):

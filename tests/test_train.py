@@ -466,7 +466,8 @@ def test_restarted_run_resumes_on_another_cluster(head_node, real_shards, run_bu
     before = run.join("metrics.jsonl").read_text()
     argv = [sys.executable, "jobs/train.py", "--data", real_shards, "--run-name", "two", "--storage", run_bucket,
             "--s3-endpoint", s3_endpoint, "--num-workers", "1", "--batch-size", "16", "--max-steps", "8",
-            "--checkpoint-every", "2", "--log-every", "1", "--samples-per-class", "2", *TINY_FLAGS]
+            "--checkpoint-every", "2", "--log-every", "1", "--samples-per-class", "2", *TINY_FLAGS,
+            "--set=train.class_balanced=true"]  # as the run above (tiny_config); the paper preset has no sampler
     env = {**head_node["env"], "RAY_ADDRESS": head_node["address"]}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

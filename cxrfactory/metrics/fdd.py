@@ -95,15 +95,16 @@ class FDDConfig:
             raise FDDError("batch_rows, inference_batch and workers must be >= 1")
 
     def wanted(self, classes: Sequence[str],
-               sides: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, int] | None:
-        """Rows asked per class; None: every row.
+               real: Mapping[str, int] | None = None) -> dict[str, int] | None:
+        """Rows asked per class, of every side; None: every row.
 
-        With the paper protocol and the rows each side holds (``sides``: side -> class ->
-        rows), every side draws the same count, the paper's or the smallest side's if that is
-        less: a Fréchet distance between sets of unequal sizes carries their unequal bias.
+        With the paper protocol and the real split's rows per class (``real``), the paper's
+        count or the real split's where it holds fewer: every side then draws the same count
+        (a Fréchet distance between sets of unequal sizes carries their unequal bias), and a
+        synthetic set's result does not depend on which other sets share the run.
         """
         if self.paper_protocol:
-            return {c: min([PAPER_PROTOCOL[c], *(int(n.get(c, 0)) for n in (sides or {}).values())])
+            return {c: min(PAPER_PROTOCOL[c], int((real or {}).get(c, PAPER_PROTOCOL[c])))
                     for c in classes}
         if self.max_per_class is not None:
             return dict.fromkeys(classes, self.max_per_class)
@@ -355,10 +356,10 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
     sides.update({f"{uri} ({name})": synthetic[name].counts.get(shards.SYNTHETIC_SPLIT, {})
                   for name, uri in config.synthetic})
     classes = _choose_classes(config, sides)
-    wanted = config.wanted(classes, sides)
-    short = _under_paper_counts(config, wanted)
-    if short:
-        log(f"[fdd] warning: {short}")
+    wanted = config.wanted(classes, real.counts[config.split])
+    if config.paper_protocol:
+        _require_paper_counts(wanted, {name: synthetic[name] for name, _ in config.synthetic})
+    short = _under_paper_counts(config, wanted)  # logged with the other warnings at the end
     log(f"[fdd] classes: {', '.join(classes)}; " + ("all rows" if wanted is None else
         "per class at most " + ", ".join(f"{c} {n}" for c, n in wanted.items())))
 
@@ -442,6 +443,19 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
     return result
 
 
+def _require_paper_counts(wanted: Mapping[str, int], synthetic: Mapping[str, shards.Manifest]) -> None:
+    """Every synthetic set holds at least the count the real side draws (equal counts)."""
+    for name, manifest in synthetic.items():
+        held = manifest.counts.get(shards.SYNTHETIC_SPLIT, {})
+        short = {c: int(held.get(c, 0)) for c, n in wanted.items() if held.get(c, 0) < n}
+        if short:
+            raise FDDError(
+                f"synthetic set {name} holds fewer images than the paper protocol draws: "
+                + ", ".join(f"{c} {n} of {wanted[c]}" for c, n in short.items())
+                + f"; make at least {max(wanted[c] for c in short)} per class "
+                "(jobs/synthesize.py --target-per-class)")
+
+
 def _under_paper_counts(config: FDDConfig, wanted: Mapping[str, int] | None) -> str | None:
     """The one warning that names the classes drawn below the paper's count, if any."""
     if not config.paper_protocol or wanted is None:
@@ -449,9 +463,9 @@ def _under_paper_counts(config: FDDConfig, wanted: Mapping[str, int] | None) -> 
     short = [f"{c} {n} of {PAPER_PROTOCOL[c]}" for c, n in wanted.items() if n < PAPER_PROTOCOL[c]]
     if not short:
         return None
-    return (f"fewer images than the paper's count for {len(short)} class(es) ({', '.join(short)}): "
-            "every side draws that smaller count, so the table compares equal counts but not the "
-            "paper's")
+    return (f"the real split holds fewer images than the paper's count for {len(short)} class(es) "
+            f"({', '.join(short)}): every side draws that smaller count, so the table compares "
+            "equal counts, but not the paper's")
 
 
 def _rank_notes(counts: Mapping[str, Mapping[str, int]], dim: int) -> list[str]:

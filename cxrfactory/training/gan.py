@@ -145,7 +145,7 @@ class GANTrainer:
         self.images_seen = 0  # real images consumed by D steps, all replicas
         self.epoch = 0
         self.tau = 0.0
-        self._standing_at: int | None = None  # g_steps when G_ema's standing statistics were made
+        self._standing_at: tuple[int, float] | None = None  # (g_steps, tau) of G_ema's standing statistics
         self._d_loss_avg = [float("nan")] * len(self.resolutions)
         self._warned_collapse = False
         self.set_epoch(0)
@@ -331,10 +331,10 @@ class GANTrainer:
         """G_ema, ready to sample from or export: with ``gan.ema_batchnorm="standing"`` its
         BatchNorm statistics are its own (:func:`standing_statistics`, remade once per G
         update); with ``"copy"`` they are the live G's."""
-        if self.config.ema_batchnorm == "standing" and self._standing_at != self.g_steps:
-            with self._autocast():
-                standing_statistics(self.G_ema, images=self.config.standing_images)
-            self._standing_at = self.g_steps
+        # float32, as synthesis runs the exported generator; remade when weights or tau changed.
+        if self.config.ema_batchnorm == "standing" and self._standing_at != (self.g_steps, self.tau):
+            standing_statistics(self.G_ema, images=self.config.standing_images)
+            self._standing_at = (self.g_steps, self.tau)
         return self.G_ema
 
     @torch.no_grad()
