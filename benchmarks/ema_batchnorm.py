@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {np.mean(list(consistency.values())):.3f} | "
               + " | ".join(f"{consistency[c]:.2f}" for c in classes)
               + f" | {np.mean(list(fdd.values())):.2f} |")
-    print(f"\nPer-class FDD: " + "; ".join(
+    print("\nPer-class FDD: " + "; ".join(
         f"{name}: " + ", ".join(f"{c} {v:.1f}" for c, v in fdd.items()) for name, (_, fdd) in rows.items()))
     print(f"Cost: standing statistics over {args.standing_images} images {standing_seconds:.2f} s, "
           f"{standing_seconds / generate_seconds:.2f}x the generation of the "

@@ -9,7 +9,6 @@ hold, and decode to the same pixels.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import shutil
 from pathlib import Path
