@@ -53,7 +53,8 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
         manifest = _rewrite(root, legacy, log)
         shards.write_manifest(root, manifest)
         shards.read_manifest(root)  # verified before anything old goes
-    old = [f for f in legacy.files if f not in set(manifest.files)]
+    kept = set(manifest.files)
+    old = [f for f in legacy.files if f not in kept]
     for rel in old:
         loc = root.join(rel)
         if loc.exists():

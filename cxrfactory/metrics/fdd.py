@@ -316,7 +316,7 @@ def _manifest(uri: str, s3_endpoint: str | None) -> tuple[shards.Manifest, str]:
     root = resolve(uri, s3_endpoint)
     check_readable(root, "shard folder")
     manifest = shards.read_manifest(root)
-    return manifest, hashlib.sha256(shards.manifest_location(root).read_bytes()).hexdigest()
+    return manifest, hashlib.sha256(shards.manifest_location(root, note=False).read_bytes()).hexdigest()
 
 
 def _choose_classes(config: FDDConfig, sides: Mapping[str, Mapping[str, int]]) -> tuple[str, ...]:
