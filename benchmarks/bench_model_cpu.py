@@ -42,7 +42,7 @@ from gpu_model import model_cost  # noqa: E402
 
 from cxrfactory.config import Config, ConfigError, load_config, parse_overrides  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, count_parameters  # noqa: E402
-from cxrfactory.training.gan import GANTrainer  # noqa: E402
+from cxrfactory.gan.step import GANTrainer  # noqa: E402
 
 
 def _generation_seconds(cfg: Config, batch: int) -> Callable[[], float]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cxrfactory.artifacts import save_generator_artifact  # noqa: E402
+from cxrfactory.gan.artifact import save_generator_artifact  # noqa: E402
 from cxrfactory.config import load_config  # noqa: E402
 from cxrfactory.models import build_generator, generate  # noqa: E402
 from cxrfactory.synthesis import (  # noqa: E402

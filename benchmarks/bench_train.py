@@ -4,7 +4,7 @@ Three measurements on the same shards, model, batch and torch threads, in one pr
 
 1. ``plain``: ``GANTrainer.train_step`` in a single-process loop over the train split decoded
    into memory up front, class-balanced batches drawn with ``torch.multinomial``;
-2. ``ray x1``: ``cxrfactory.training.loop.train`` with one worker (Ray Data decodes, draws
+2. ``ray x1``: ``cxrfactory.gan.loop.train`` with one worker (Ray Data decodes, draws
    and shuffles while the worker trains), the same torch threads;
 3. ``ray x2``: two workers, the same threads each (the same global batch, half per worker).
 
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxrfactory.config import load_config  # noqa: E402
 from cxrfactory.labels import DEFAULT_CLASSES  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator  # noqa: E402
-from cxrfactory.training.data import load_split_tensors  # noqa: E402
-from cxrfactory.training.gan import GANTrainer  # noqa: E402
+from cxrfactory.gan.data import load_split_tensors  # noqa: E402
+from cxrfactory.gan.step import GANTrainer  # noqa: E402
 
 
 def make_shards(out: Path, per_class: int, resolution: int) -> str:
@@ -86,7 +86,7 @@ def plain_loop(config, data: str, steps: int, warmup: int, threads: int) -> floa
 def ray_loop(config, data: str, storage: str, name: str, steps: int, warmup: int,
              workers: int, threads: int) -> tuple[float, float, float]:
     """(steady images/s after warm-up, mean step share after warm-up, wall seconds of the run)."""
-    from cxrfactory.training.loop import RunOptions, train
+    from cxrfactory.gan.loop import RunOptions, train
 
     log_every = 5
     config = config.with_overrides({"train.num_workers": workers, "train.max_steps": warmup + steps,

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 from cxrfactory.config import Config, load_config  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, count_parameters  # noqa: E402
-from cxrfactory.training.gan import GANTrainer  # noqa: E402
+from cxrfactory.gan.step import GANTrainer  # noqa: E402
 
 
 def _preset(name: str) -> Config:

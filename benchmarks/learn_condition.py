@@ -35,7 +35,7 @@ from cxrfactory.data.phantom import sample_specs  # noqa: E402
 from cxrfactory.data.phantom_measure import measure  # noqa: E402
 from cxrfactory.data.phantom_render import render  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, to_uint8  # noqa: E402
-from cxrfactory.training.gan import GANTrainer  # noqa: E402
+from cxrfactory.gan.step import GANTrainer  # noqa: E402
 
 CLASSES = ("Normal", "Cardiomegaly")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cxrfactory import filenames
 from cxrfactory import shards
 
 #: The split names Hugging Face ``datasets`` gives our split folders when it infers them
@@ -136,7 +137,7 @@ def _provenance(manifest: shards.Manifest) -> list[str]:
                         f"`{against['split']}`" if against else ""))
     if manifest.skipped:
         items.append(f"- {len(manifest.skipped)} input image(s) skipped, each with its reason, "
-                     f"in `{shards.MANIFEST_NAME}`")
+                     f"in `{filenames.MANIFEST}`")
     command = extra.get("command")
     if extra.get("migrated_from_format"):
         items.append(f"- migrated in place from shard format {extra['migrated_from_format']} "
@@ -171,8 +172,8 @@ def _files(manifest: shards.Manifest) -> str:
                  if shards.SYNTHETIC_SPLIT in manifest.counts else "")
     return (f"- `<split folder>/<Class>/part-NNNNN.parquet`: {len(manifest.files)} shard "
             f"file(s){synthetic}\n"
-            f"- `{shards.MANIFEST_NAME}`: counts, files, the resolved config; written last, so "
+            f"- `{filenames.MANIFEST}`: counts, files, the resolved config; written last, so "
             "its presence means the folder is complete\n"
-            f"- `{shards.PLAN_NAME}` (from the project's jobs): what the writer set out to make, "
+            f"- `{filenames.PLAN}` (from the project's jobs): what the writer set out to make, "
             "so a stopped run resumes\n"
-            f"- `{shards.CARD_NAME}`: this card (as `README.md` on the Hugging Face Hub)\n")
+            f"- `{filenames.CARD}`: this card (as `README.md` on the Hugging Face Hub)\n")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pyarrow.compute as pc
 
+from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.storage import Location, check_readable, check_writable, resolve
 
@@ -28,8 +29,8 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
     """Bring the shard folder at ``uri`` to the current format; returns its new manifest."""
     root = resolve(uri, s3_endpoint)
     check_readable(root, "shard folder")
-    legacy_loc = root.join(shards.LEGACY_MANIFEST_NAME)
-    current_loc = root.join(shards.MANIFEST_NAME)
+    legacy_loc = root.join(filenames.LEGACY_MANIFEST)
+    current_loc = root.join(filenames.MANIFEST)
     if not legacy_loc.exists():
         if not current_loc.exists() and any(p.startswith("label=") for p in root.list_files(".parquet")):
             raise shards.ManifestError(
@@ -102,7 +103,7 @@ def _check_files(root: Location, legacy: shards.Manifest) -> None:
     rows = sum(shards.shard_footer(root.join(f))[0] for f in legacy.files)
     if rows != legacy.total():
         raise shards.ManifestError(f"{root.uri}: the files hold {rows} rows where "
-                                   f"{shards.LEGACY_MANIFEST_NAME} counts {legacy.total()}; "
+                                   f"{filenames.LEGACY_MANIFEST} counts {legacy.total()}; "
                                    "not a complete set, nothing was changed")
 
 

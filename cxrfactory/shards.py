@@ -43,14 +43,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cxrfactory import filenames
 from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot
 from cxrfactory.storage import Location, StorageError, check_readable, resolve
 
 FORMAT_VERSION = 2  # 1: label=<Class>/ folders and manifest.json (migrate with jobs/migrate_shards.py)
 READABLE_FORMATS = (1, 2)
-MANIFEST_NAME = "_manifest.json"
-LEGACY_MANIFEST_NAME = "manifest.json"  # format 1
-CARD_NAME = "_README.md"
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLIT = "synthetic"
 SOURCES = ("nih", "phantom", "synthetic")
@@ -285,18 +283,18 @@ def write_manifest(root: Location, manifest: Manifest) -> None:
     """The dataset card, then the manifest: the manifest is the folder's mark of completion."""
     from cxrfactory.dataset_card import render_card  # the card formats; it needs no I/O here
 
-    root.join(CARD_NAME).write_text(render_card(manifest))
-    root.join(MANIFEST_NAME).write_text(manifest.to_json())
+    root.join(filenames.CARD).write_text(render_card(manifest))
+    root.join(filenames.MANIFEST).write_text(manifest.to_json())
 
 
 def manifest_location(root: Location, *, note: bool = True) -> Location:
     """``<root>/_manifest.json``, or a format-1 folder's ``manifest.json`` (with a note on
     migrating it, unless ``note`` is False); a :class:`ManifestError` when there is neither."""
-    loc = root.join(MANIFEST_NAME)
+    loc = root.join(filenames.MANIFEST)
     try:
         if loc.exists():
             return loc
-        legacy = root.join(LEGACY_MANIFEST_NAME)
+        legacy = root.join(filenames.LEGACY_MANIFEST)
         if legacy.exists():
             if note:
                     log.warning("%s is in the shard layout of format 1, which pandas and pyarrow "
@@ -306,7 +304,7 @@ def manifest_location(root: Location, *, note: bool = True) -> Location:
     except OSError as exc:
         raise StorageError(f"cannot read {loc.uri}: {exc}") from exc
     raise ManifestError(
-        f"{root.uri} has no {MANIFEST_NAME}: not a shard folder, or its writer did not finish "
+        f"{root.uri} has no {filenames.MANIFEST}: not a shard folder, or its writer did not finish "
         "(run the job again to complete it)")
 
 
@@ -354,7 +352,6 @@ def format_count_table(manifest: Manifest) -> str:
 # ---------------------------------------------------------------------------------------------
 # Resumable output folders
 
-PLAN_NAME = "_plan.json"
 
 
 class OutputConflictError(ValueError):
@@ -382,8 +379,8 @@ def prepare_output(root: Location, identity: dict[str, Any], *, overwrite: bool)
     fp = fingerprint(identity)
     if overwrite:
         root.delete_contents()
-    manifest_loc, plan_loc = root.join(MANIFEST_NAME), root.join(PLAN_NAME)
-    if not manifest_loc.exists() and root.join(LEGACY_MANIFEST_NAME).exists():
+    manifest_loc, plan_loc = root.join(filenames.MANIFEST), root.join(filenames.PLAN)
+    if not manifest_loc.exists() and root.join(filenames.LEGACY_MANIFEST).exists():
         raise OutputConflictError(
             f"{root.uri} holds a finished dataset in the shard layout of format 1; migrate it "
             f"with `{MIGRATE_COMMAND} {root.uri}`, choose another output or pass --overwrite")

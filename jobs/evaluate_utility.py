@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.runtime import run_job  # noqa: E402
-from cxrfactory.utility import evaluate_utility, format_table  # noqa: E402
+from cxrfactory.classifier.utility import evaluate_utility, format_table  # noqa: E402
 from jobs.train_classifier import build_parser, resolve_config  # noqa: E402
 
 

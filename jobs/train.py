@@ -32,7 +32,7 @@ import yaml  # noqa: E402
 
 from cxrfactory.config import ARCHITECTURES, available_presets, load_config, parse_overrides  # noqa: E402
 from cxrfactory.runtime import run_job  # noqa: E402
-from cxrfactory.training.loop import RunOptions, TrainingError, prepare_run, train  # noqa: E402
+from cxrfactory.gan.loop import RunOptions, TrainingError, prepare_run, train  # noqa: E402
 
 FAULT_ENV = "CXRF_FAULT_AT_STEP"
 

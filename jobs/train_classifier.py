@@ -30,14 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.runtime import run_job  # noqa: E402
-from cxrfactory.training.classifier import (  # noqa: E402
+from cxrfactory.classifier.config import (  # noqa: E402
     ARCHITECTURES,
     MODES,
     PRESETS,
     ClassifierConfig,
     ClassifierTrainingError,
-    train_classifier,
 )
+from cxrfactory.classifier.driver import train_classifier  # noqa: E402
 
 #: Flags that map one to one onto ClassifierConfig fields (argparse dest = field name).
 FIELDS = ("arch", "resolution", "mode", "class_weighted", "synthetic_ratio", "balance_per_class",

@@ -15,16 +15,12 @@ from test_fdd import CLASSES, phantom_shards, read_split, write_synthetic  # noq
 
 from cxrfactory import shards
 from cxrfactory.metrics.classification import auroc, classification_metrics
-from cxrfactory.models.densenet import load_classifier_artifact
-from cxrfactory.training.classifier import (
-    ClassifierConfig,
-    ClassifierError,
-    _manifest,
-    decode_images,
-    expected_positives,
-    plan_mix,
-)
-from cxrfactory.training.classifier_loop import augment, inverse_frequency_weights, make_loss
+from cxrfactory.classifier.artifact import load_classifier_artifact
+from cxrfactory.classifier.config import ClassifierConfig, ClassifierError
+from cxrfactory.classifier.data import expected_positives, plan_mix
+from cxrfactory.classifier.driver import _manifest
+from cxrfactory.models.densenet import decode_images
+from cxrfactory.classifier.worker import augment, inverse_frequency_weights, make_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.densenet import DenseNet
 
-from cxrfactory.models.densenet import (
-    DenseNetConfig,
-    Preprocessing,
-    densenet121_xray,
+from cxrfactory.classifier.artifact import (
     load_classifier_artifact,
-    preprocess,
     read_classifier_config,
     save_classifier_artifact,
 )
+from cxrfactory.models.densenet import DenseNetConfig, Preprocessing, densenet121_xray, preprocess
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 CLASSES = ("Normal", "Cardiomegaly", "Effusion")

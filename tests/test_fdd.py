@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.data import nih
 from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
@@ -29,10 +30,12 @@ from cxrfactory.metrics.fdd import (
 )
 from cxrfactory.metrics.frechet import frechet_distance
 from cxrfactory.metrics.stats import FeatureStats
-from cxrfactory.models.densenet import Preprocessing, densenet121_xray, save_classifier_artifact
+from cxrfactory.classifier.artifact import save_classifier_artifact
+from cxrfactory.models.densenet import Preprocessing, densenet121_xray
 from cxrfactory.raydata import stable_fraction
 from cxrfactory.storage import resolve
-from cxrfactory.training.classifier import ARCHITECTURES, decode_images
+from cxrfactory.classifier.config import ARCHITECTURES
+from cxrfactory.models.densenet import decode_images
 
 CLASSES = ("Cardiomegaly", "Effusion", "Pneumothorax")
 NUM_IMAGES = 120
@@ -56,7 +59,7 @@ def phantom_shards(ray_session, tmp_path_factory) -> Path:
 
 def read_rows(root: Path) -> pd.DataFrame:
     """Every row of a shard folder (the files its manifest lists)."""
-    manifest = json.loads((root / shards.MANIFEST_NAME).read_text())
+    manifest = json.loads((root / filenames.MANIFEST).read_text())
     return pd.concat([pq.read_table(root / f).to_pandas() for f in manifest["files"]], ignore_index=True)
 
 
@@ -114,7 +117,7 @@ def fdd_inputs(phantom_shards, tmp_path_factory) -> dict[str, Path]:
 
 def direct_features(rows: pd.DataFrame, artifact_dir: Path) -> np.ndarray:
     """Features computed in this process, one image at a time: the pipeline's reference."""
-    from cxrfactory.models.densenet import load_classifier_artifact
+    from cxrfactory.classifier.artifact import load_classifier_artifact
 
     artifact = load_classifier_artifact(artifact_dir)
     with torch.inference_mode():

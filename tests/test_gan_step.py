@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cxrfactory.training.gan as gan_module
+import cxrfactory.gan.step as gan_module
 from cxrfactory.config import GANConfig, ModelConfig, load_config
 from cxrfactory.models import build_discriminators, build_generator
-from cxrfactory.training.gan import GANTrainer, Phase, ema_beta, phases_for, tau_schedule
-from cxrfactory.training.losses import lsgan_d_loss, lsgan_g_loss, multiscale_d_loss, multiscale_g_loss, total
+from cxrfactory.gan.step import GANTrainer, Phase, ema_beta, phases_for, tau_schedule
+from cxrfactory.gan.losses import lsgan_d_loss, lsgan_g_loss, multiscale_d_loss, multiscale_g_loss, total
 
 torch.set_num_threads(1)
 

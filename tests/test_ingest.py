@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
 from cxrfactory.data import nih
@@ -104,7 +105,7 @@ def test_rerun_completes_a_partial_output_and_refuses_different_settings(ray_ses
     config = nih.IngestConfig(nih_root=str(nih_folder), out=str(out), resolution=RES, rows_per_file=20)
     first = nih.ingest(config, log=lambda s: None)
     # Simulate a stop part way: the manifest and two shards are gone.
-    (out / shards.MANIFEST_NAME).unlink()
+    (out / filenames.MANIFEST).unlink()
     for f in first.files[:2]:
         (out / f).unlink()
     second = nih.ingest(config, log=lambda s: None)

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.storage import resolve
 from tests.test_synthesis import generator_dir  # noqa: F401  (the tiny generator fixture)
@@ -255,7 +256,7 @@ def test_dataset_card_states_the_set_and_is_a_hub_card(local_sets, tmp_path):
 
     synthetic = Path(local_sets["synthetic"])
     manifest = shards.read_manifest(resolve(synthetic))
-    text = (synthetic / shards.CARD_NAME).read_text()
+    text = (synthetic / filenames.CARD).read_text()
     header = yaml.safe_load(text.split("---\n")[1])
     assert manifest.extra["generator"] in text and "jobs/synthesize.py --generator" in text
     assert "| Mass | 7 | 7 |" in text and "NIH" in text
@@ -263,13 +264,13 @@ def test_dataset_card_states_the_set_and_is_a_hub_card(local_sets, tmp_path):
     # As README.md (the Hub's name for it), datasets takes its configs and features.
     hub = tmp_path / "hub"
     shutil.copytree(synthetic, hub)
-    (hub / shards.CARD_NAME).rename(hub / "README.md")
+    (hub / filenames.CARD).rename(hub / "README.md")
     loaded = datasets.load_dataset(str(hub))
     assert loaded["train"].num_rows == 21
     assert type(loaded["train"].features["image"]).__name__ == "Image"
 
     real = Path(local_sets["real"])
-    card = (real / shards.CARD_NAME).read_text()
+    card = (real / filenames.CARD).read_text()
     real_manifest = shards.read_manifest(resolve(real))
     header = yaml.safe_load(card.split("---\n")[1])
     splits = {s["name"]: s["num_examples"] for s in header["dataset_info"]["splits"]}
@@ -277,7 +278,7 @@ def test_dataset_card_states_the_set_and_is_a_hub_card(local_sets, tmp_path):
                       for s in real_manifest.counts}
     hub = tmp_path / "hub-real"
     shutil.copytree(real, hub)
-    (hub / shards.CARD_NAME).rename(hub / "README.md")
+    (hub / filenames.CARD).rename(hub / "README.md")
     loaded = datasets.load_dataset(str(hub))
     assert {k: v.num_rows for k, v in loaded.items()} == splits
 
@@ -289,8 +290,8 @@ def test_dataset_card_states_the_set_and_is_a_hub_card(local_sets, tmp_path):
 def test_a_stopped_writer_leaves_nothing_a_plain_reader_takes_for_data(local_sets, tmp_path):
     out = tmp_path / "stopped"
     shutil.copytree(local_sets["synthetic"], out)
-    (out / shards.MANIFEST_NAME).unlink()
-    (out / shards.CARD_NAME).unlink()
+    (out / filenames.MANIFEST).unlink()
+    (out / filenames.CARD).unlink()
     # One file never written, another cut short by a killed writer (its temporary name kept).
     files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
     gone, cut = out / files[0], out / files[1]
@@ -335,10 +336,10 @@ def _downgrade_to_format_1(root: Path) -> None:
     for folder in {p.parent for p in root.rglob("*") if p.is_dir()}:
         if folder != root and not any(folder.rglob("*.parquet")):
             shutil.rmtree(folder, ignore_errors=True)
-    legacy = json.loads((root / shards.MANIFEST_NAME).read_text()) | {"format": 1, "files": files}
-    (root / shards.LEGACY_MANIFEST_NAME).write_text(json.dumps(legacy))
-    (root / shards.MANIFEST_NAME).unlink()
-    (root / shards.CARD_NAME).unlink()
+    legacy = json.loads((root / filenames.MANIFEST).read_text()) | {"format": 1, "files": files}
+    (root / filenames.LEGACY_MANIFEST).write_text(json.dumps(legacy))
+    (root / filenames.MANIFEST).unlink()
+    (root / filenames.CARD).unlink()
 
 
 def _rows(root: Path) -> list[tuple]:
@@ -367,9 +368,9 @@ def test_a_format_1_folder_opens_with_a_note_and_migrates_in_place(local_sets, t
 
     assert job.main([str(old)]) == 0
     assert _rows(old) == before  # every row, label, split and PNG byte kept
-    assert not list(old.glob("label=*")) and not (old / shards.LEGACY_MANIFEST_NAME).exists()
+    assert not list(old.glob("label=*")) and not (old / filenames.LEGACY_MANIFEST).exists()
     manifest = shards.read_manifest(resolve(old))
-    assert manifest.format == shards.FORMAT_VERSION and (old / shards.CARD_NAME).exists()
+    assert manifest.format == shards.FORMAT_VERSION and (old / filenames.CARD).exists()
     check_reader("pandas", str(old), None)
     check_reader("polars", str(old), None)  # its glob meets no leftover file
     # A writer cannot tell whether the migrated set is what its settings would make: it says so.
@@ -384,7 +385,7 @@ def test_an_unfinished_format_1_run_is_refused_by_writers_and_migration(local_se
     old = tmp_path / "old"
     shutil.copytree(local_sets["synthetic"], old)
     _downgrade_to_format_1(old)
-    (old / shards.LEGACY_MANIFEST_NAME).unlink()  # its writer stopped before the manifest
+    (old / filenames.LEGACY_MANIFEST).unlink()  # its writer stopped before the manifest
     before = sorted(p.relative_to(old) for p in old.rglob("*"))
     with pytest.raises(shards.OutputConflictError, match="unfinished run in the layout of format 1"):
         shards.prepare_output(resolve(old), {"kind": "synthesize"}, overwrite=False)
@@ -401,7 +402,7 @@ def test_a_stopped_migration_is_completed_by_running_it_again(local_sets, tmp_pa
     shutil.copytree(local_sets["synthetic"], old)
     _downgrade_to_format_1(old)
     before = _rows(old)
-    legacy = shards.Manifest.from_json((old / shards.LEGACY_MANIFEST_NAME).read_text())
+    legacy = shards.Manifest.from_json((old / filenames.LEGACY_MANIFEST).read_text())
     # Stopped after the new manifest, before any old file was deleted: both layouts on disk.
     shards.write_manifest(resolve(old), shard_migration._rewrite(resolve(old), legacy, lambda s: None))
     assert job.main([str(old)]) == 0
@@ -421,10 +422,10 @@ def test_migrating_what_is_not_a_shard_folder_is_a_clear_error(tmp_path, capsys)
     # A format-1 manifest that is not JSON is named, and nothing is touched.
     (tmp_path / "label=Mass").mkdir()
     (tmp_path / "label=Mass" / "part-00000.parquet").write_bytes(b"PAR1")
-    (tmp_path / shards.LEGACY_MANIFEST_NAME).write_bytes(b"\x00\xff not json")
+    (tmp_path / filenames.LEGACY_MANIFEST).write_bytes(b"\x00\xff not json")
     with pytest.raises(SystemExit) as exit_info:
         run_job(job.main, [str(tmp_path)])
     assert exit_info.value.code == 2
-    assert f"{tmp_path / shards.LEGACY_MANIFEST_NAME} is not a valid manifest" in capsys.readouterr().err
+    assert f"{tmp_path / filenames.LEGACY_MANIFEST} is not a valid manifest" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
         "label=Mass", "manifest.json", "notes.txt", "part-00000.parquet"]

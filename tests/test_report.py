@@ -23,10 +23,10 @@ from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.metrics.fdd import _add_means
 from cxrfactory.metrics.fdd_tables import write_outputs
 from cxrfactory.report.inputs import ReportInputError, first_images, load_shard_set
-from cxrfactory.report.plots import sample_grid_png
+from cxrfactory.gan.plots import sample_grid_png
 from cxrfactory.report.render import Document, Paragraph, Section, Table, render_html
 from cxrfactory.report.report import ReportConfig, summary_lines, write_report
-from cxrfactory.report.utility_schema import UTILITY_SCHEMA, UtilityFormatError, validate_utility
+from cxrfactory.classifier.utility_schema import UTILITY_SCHEMA, UtilityFormatError, validate_utility
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
 from jobs import report as report_job
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_run(root: Path, name: str, arch: str, branches: list[int], steps: int, sha: str | None) -> Path:
-    """A run folder as cxrfactory.training.loop leaves it (config.json, metrics.jsonl, samples/)."""
+    """A run folder as cxrfactory.gan.loop leaves it (config.json, metrics.jsonl, samples/)."""
     run = root / name
     (run / "samples").mkdir(parents=True)
     config = Config().to_dict()

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cxrfactory import filenames
 from cxrfactory import shards
-from cxrfactory.artifacts import load_generator_artifact, save_generator_artifact
+from cxrfactory.gan.artifact import load_generator_artifact, save_generator_artifact
 from cxrfactory.config import Config, ModelConfig
 from cxrfactory.models import build_generator
 from cxrfactory.runtime import run_job
@@ -178,7 +179,7 @@ def test_interrupted_run_is_completed_with_exact_counts(ray_session, reference, 
     # file, no manifest.
     out = tmp_path / "synth"
     shutil.copytree(reference, out)
-    (out / shards.MANIFEST_NAME).unlink()
+    (out / filenames.MANIFEST).unlink()
     removed = ["train/Normal/part-00001.parquet", "train/Mass/part-00000.parquet",
                "train/Mass/part-00002.parquet"]
     for rel in removed:
@@ -325,7 +326,7 @@ def test_output_of_another_seed_is_refused_unless_overwrite(reference, generator
     argv = ["--generator", str(generator_dir), "--target-per-class", str(N), "--out", str(out),
             "--rows-per-file", str(R), "--batch-size", "4"]
     assert "seed: 0 -> 1" in _fail([*argv, "--seed", "1"], capsys)
-    assert _file_bytes(out) == before and json.loads((out / shards.MANIFEST_NAME).read_text())["seed"] == 0
+    assert _file_bytes(out) == before and json.loads((out / filenames.MANIFEST).read_text())["seed"] == 0
     # The same command again finds the folder complete and writes nothing.
     assert _job().main(argv) == 0
     assert "already complete" in capsys.readouterr().out and _file_bytes(out) == before

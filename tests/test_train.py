@@ -26,16 +26,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cxrfactory import filenames
 from cxrfactory import shards
-from cxrfactory.artifacts import load_generator_artifact
+from cxrfactory.gan.artifact import load_generator_artifact
 from cxrfactory.config import Config
 from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.models import build_discriminators, build_generator
 from cxrfactory.report import plots
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
-from cxrfactory.training import checkpoint as ckpt
-from cxrfactory.training.data import (
+from cxrfactory.gan import checkpoint as ckpt
+from cxrfactory.gan.data import (
     BalancedDraw,
     EpochPlan,
     TrainingDataError,
@@ -45,8 +46,8 @@ from cxrfactory.training.data import (
     plan_epochs,
     read_train_manifest,
 )
-from cxrfactory.training.gan import GANTrainer
-from cxrfactory.training.loop import RunOptions, train
+from cxrfactory.gan.step import GANTrainer
+from cxrfactory.gan.loop import RunOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32
@@ -211,7 +212,7 @@ def test_checkpoint_round_trip_with_weights_only_and_latest(tmp_path):
 
     latest = ckpt.find_latest(str(tmp_path))
     assert latest is not None and latest.path.endswith("checkpoint-0000010")
-    torch.load(Path(latest.path) / ckpt.STATE_NAME, weights_only=True)  # no pickled code inside
+    torch.load(Path(latest.path) / filenames.STATE, weights_only=True)  # no pickled code inside
     loaded, meta = ckpt.read_checkpoint(latest)
     assert loaded["step"] == 10 and meta["classes"] == list(DEFAULT_CLASSES)
     ckpt.check_compatible(meta, config.with_overrides({"gan.lr_g": 1e-3, "train.num_workers": 2}))
@@ -257,7 +258,7 @@ def test_loss_curves_png(tmp_path):
 def test_progress_means_over_an_interval_and_metrics_log_cut_back_on_resume(tmp_path):
     from types import SimpleNamespace
 
-    from cxrfactory.training.progress import MetricsLog, Progress
+    from cxrfactory.gan.progress import MetricsLog, Progress
 
     progress = Progress(total_steps=10, batch_size=4, world=1, is_chief=False)
     progress.begin(0)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
 from cxrfactory.storage import Location, check_writable, resolve
@@ -328,7 +329,7 @@ def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.M
     shards.write_manifest(out, manifest)
     bad = len(manifest.skipped)
     log(f"[ingest] {out.uri}: {manifest.total()} images"
-        + (f", {bad} skipped (listed in {shards.MANIFEST_NAME})" if bad else ""))
+        + (f", {bad} skipped (listed in {filenames.MANIFEST})" if bad else ""))
     log(shards.format_count_table(manifest))
     return manifest
 

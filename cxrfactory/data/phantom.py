@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory.data.phantom_anatomy import (
     CM_PER_IMAGE,
@@ -89,7 +90,7 @@ from cxrfactory.data.phantom_anatomy import (
 from cxrfactory.data.phantom_render import render
 
 __all__ = [
-    "CSV_NAME", "MARKER_NAME", "MIN_RESOLUTION", "NIH_HEADER", "NIH_SINGLE_LABEL_COUNTS",
+    "CSV_NAME", "MIN_RESOLUTION", "NIH_HEADER", "NIH_SINGLE_LABEL_COUNTS",
     "LesionBox", "PhantomConfig", "PhantomError", "PhantomSpec", "encode_png",
     "is_phantom_folder", "make_phantom_folder", "packaged_bboxes", "packaged_metadata",
     "read_bboxes", "render", "sample_specs", "specs_from_metadata", "write_phantom_folder",
@@ -106,7 +107,6 @@ CSV_NAME = "Data_Entry_2017.csv"
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 #: Marks a folder as written by this module (ingest reads it to tag rows as phantoms).
-MARKER_NAME = "phantom.json"
 #: zlib level of the PNGs: noisy images gain little from more effort, which costs 3x the time.
 PNG_COMPRESS_LEVEL = 1
 
@@ -409,7 +409,7 @@ def _fingerprint(specs: Sequence[PhantomSpec], resolution: int) -> str:
 
 def is_phantom_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder written (or being written) by :func:`write_phantom_folder`."""
-    return (Path(path) / MARKER_NAME).is_file()
+    return (Path(path) / filenames.PHANTOM_MARKER).is_file()
 
 
 def _check_out(out: Path) -> dict[str, Any] | None:
@@ -420,9 +420,9 @@ def _check_out(out: Path) -> dict[str, Any] | None:
         return None
     if not is_phantom_folder(out):
         raise PhantomError(f"--out {out} is not empty and is not a phantom folder (no "
-                           f"{MARKER_NAME}): choose a new or empty folder")
+                           f"{filenames.PHANTOM_MARKER}): choose a new or empty folder")
     try:
-        return json.loads((out / MARKER_NAME).read_text())
+        return json.loads((out / filenames.PHANTOM_MARKER).read_text())
     except (OSError, ValueError):
         return {}  # unreadable marker: our folder, but rebuild it
 
@@ -459,7 +459,7 @@ def write_phantom_folder(out_dir: str | os.PathLike[str], specs: Sequence[Phanto
         if stale.name.endswith(_TEMP_SUFFIX) or (not resume and stale.suffix == ".png"):
             stale.unlink()
     if not resume:
-        _write_atomic(out / MARKER_NAME, json.dumps({
+        _write_atomic(out / filenames.PHANTOM_MARKER, json.dumps({
             "format": 1, "source": "phantom", "renderer_version": RENDERER_VERSION,
             "resolution": resolution, "num_images": len(specs), "specs_sha256": fingerprint,
             "config": config or {},

@@ -1,4 +1,4 @@
-"""DenseNet-121 for one-channel chest X-rays: classifier, FDD feature extractor, artifact I/O.
+"""DenseNet-121 for one-channel chest X-rays: classifier and FDD feature extractor, with its preprocessing.
 
 The architecture is torchvision's ``DenseNet`` with the first convolution reading one channel.
 Nothing is ever downloaded: the network starts random or from a local weights file, either our
@@ -9,24 +9,20 @@ Preprocessing travels with the weights, as torchvision's ``Weights.transforms()`
 :class:`Preprocessing` is saved in the classifier artifact's ``config.json`` and FDD applies
 exactly the one the features were trained with.
 
-Artifact layout (DESIGN, "Artifacts")::
-
-    <dir>/classifier.pt   state dict, loaded with torch.load(weights_only=True)
-    <dir>/config.json     network config, classes, preprocessing, extra
-    <dir>/sha256          hex digest of classifier.pt (written last: the artifact is complete)
+The trained network, its classes and preprocessing travel together as the classifier artifact
+(:mod:`cxrfactory.classifier.artifact`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import pickle
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,25 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.densenet import DenseNet
 
-from cxrfactory.labels import validate_classes
-from cxrfactory.storage import resolve
+from cxrfactory.shards import decode_png
+
 
 __all__ = [
-    "ClassifierArtifact",
     "DenseNetConfig",
     "Preprocessing",
     "XrayDenseNet",
+    "decode_images",
     "densenet121_xray",
-    "load_classifier_artifact",
+    "load_weights_file",
     "preprocess",
-    "read_classifier_config",
-    "save_classifier_artifact",
 ]
 
-WEIGHTS_FILE = "classifier.pt"
-CONFIG_FILE = "config.json"
-SHA256_FILE = "sha256"
-ARTIFACT_FORMAT = 1
 
 
 # -- preprocessing ---------------------------------------------------------------------------
@@ -163,6 +153,22 @@ def preprocess(images: torch.Tensor | np.ndarray, preprocessing: Preprocessing) 
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)
     return ((x - preprocessing.mean) / preprocessing.std).contiguous()
+
+
+def decode_images(png_column: Sequence[Any], preprocessing: Preprocessing) -> torch.Tensor:
+    """The ``image`` column (``{"bytes", "path"}`` structs or raw bytes) -> float32 (N, 1, R, R).
+
+    Images of one size are preprocessed as one batch; mixed sizes (real 256 px next to a 64-px
+    synthetic set) one by one, since each is resized to the same side anyway.
+    """
+    pixels = [decode_png(item["bytes"] if isinstance(item, dict) else item)
+              for item in png_column]
+    if not pixels:
+        side = preprocessing.resolution
+        return torch.zeros((0, 1, side, side))
+    if len({p.shape for p in pixels}) == 1:
+        return preprocess(np.stack(pixels), preprocessing)
+    return torch.cat([preprocess(p[None], preprocessing) for p in pixels])
 
 
 # -- the network ------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ def _from_torchvision_format(state: dict[str, torch.Tensor], model: XrayDenseNet
     return mapped
 
 
-def _load_weights_file(model: XrayDenseNet, path: Path) -> None:
+def load_weights_file(model: XrayDenseNet, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
@@ -329,134 +335,5 @@ def densenet121_xray(
     )
     model = XrayDenseNet(config)
     if weights_path is not None:
-        _load_weights_file(model, Path(weights_path))
+        load_weights_file(model, Path(weights_path))
     return model
-
-
-# -- the classifier artifact -----------------------------------------------------------------
-
-
-class ClassifierArtifact(NamedTuple):
-    model: XrayDenseNet  # in eval mode, on the CPU
-    classes: tuple[str, ...]  # class of each logit, in order
-    preprocessing: Preprocessing
-    sha256: str  # hex digest of classifier.pt: identifies the features' provenance
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (see :mod:`cxrfactory.storage`)."""
-    resolve(path).write_bytes(data)
-
-
-def save_classifier_artifact(
-    directory: str | os.PathLike[str],
-    model: XrayDenseNet,
-    classes: tuple[str, ...] | list[str],
-    preprocessing: Preprocessing,
-    extra: dict[str, Any] | None = None,
-) -> str:
-    """Write ``classifier.pt``, ``config.json`` and ``sha256`` (last); return the sha256.
-
-    ``classes`` name the logits in order (a subset of the vocabulary, in vocabulary order);
-    ``extra`` (JSON-serialisable: training config, validation AUROC, ...) is kept in
-    ``config.json``.
-    """
-    classes = tuple(classes)
-    if validate_classes(classes) != classes:
-        raise ValueError(f"classes must follow the vocabulary order, got {list(classes)}")
-    if len(classes) != model.config.num_classes:
-        raise ValueError(
-            f"{len(classes)} class names for a model with {model.config.num_classes} outputs"
-        )
-    if not preprocessing.grayscale:
-        raise ValueError("XrayDenseNet reads one channel: preprocessing.grayscale must be True")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save(state, buffer)
-    weights = buffer.getvalue()
-    digest = hashlib.sha256(weights).hexdigest()
-    config = {
-        "format": ARTIFACT_FORMAT,
-        "kind": "classifier",
-        "model": {**asdict(model.config), "block_config": list(model.config.block_config)},
-        "feature_dim": model.feature_dim,
-        "classes": list(classes),
-        "preprocessing": preprocessing.to_dict(),
-        "extra": extra or {},
-    }
-    try:
-        config_text = json.dumps(config, indent=2, sort_keys=True)
-    except TypeError as error:
-        raise ValueError(f"extra must be JSON-serialisable: {error}") from None
-    # A stale sha256 must not vouch for new weights while they are being replaced.
-    (directory / SHA256_FILE).unlink(missing_ok=True)
-    _write_atomic(directory / WEIGHTS_FILE, weights)
-    _write_atomic(directory / CONFIG_FILE, config_text.encode())
-    _write_atomic(directory / SHA256_FILE, (digest + "\n").encode())
-    return digest
-
-
-def read_classifier_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The artifact's parsed ``config.json`` (model, classes, preprocessing, extra)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier artifact lacks {CONFIG_FILE}: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: corrupt JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("model", "classes", "preprocessing"):
-        if key not in config:
-            raise ValueError(f"{path}: missing the {key!r} entry")
-    return config
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_classifier_artifact(directory: str | os.PathLike[str]) -> ClassifierArtifact:
-    """Load a classifier artifact, verifying its sha256; the model comes back in eval mode.
-
-    Weights load with ``torch.load(weights_only=True)``: an artifact from a stranger cannot
-    run code. Missing files raise FileNotFoundError, corrupt ones ValueError, each naming
-    the file.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"classifier artifact directory not found: {directory}")
-    weights_path, sha_path = directory / WEIGHTS_FILE, directory / SHA256_FILE
-    for path in (weights_path, sha_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier artifact lacks {path.name}: {path}")
-    config = read_classifier_config(directory)
-    expected = sha_path.read_text().strip()
-    actual = _sha256_of(weights_path)
-    if actual != expected:
-        raise ValueError(
-            f"{weights_path}: sha256 {actual} does not match {sha_path} ({expected or 'empty'}); "
-            f"the file is corrupt or was replaced"
-        )
-    try:
-        model_config = DenseNetConfig(**config["model"])
-        preprocessing = Preprocessing.from_dict(config["preprocessing"])
-        classes = tuple(str(name) for name in config["classes"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{directory / CONFIG_FILE}: {error}") from None
-    if len(classes) != model_config.num_classes:
-        raise ValueError(
-            f"{directory / CONFIG_FILE}: {len(classes)} classes for "
-            f"{model_config.num_classes} outputs"
-        )
-    model = XrayDenseNet(model_config)
-    _load_weights_file(model, weights_path)
-    model.eval()
-    return ClassifierArtifact(model, classes, preprocessing, actual)

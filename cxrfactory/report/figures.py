@@ -1,6 +1,6 @@
 """The report's own figures: the per-class sample table (the paper's Table 2) and class balance.
 
-Training figures (loss curves, training sample grids) live in :mod:`cxrfactory.report.plots`;
+Training figures (loss curves, training sample grids) live in :mod:`cxrfactory.gan.plots`;
 the sample table reuses its mosaic layout, with the columns being image sources (real, each
 synthetic set) instead of generator branches. Rendering uses matplotlib's object API (no
 pyplot state, no display).
@@ -52,7 +52,7 @@ def sample_table_png(sources: Sequence[SampleImages], classes: Sequence[str], pe
     # then starts in a fraction of the time.
     import torch
 
-    from cxrfactory.report.plots import GROUP_GAP, TILE_GAP, sample_mosaic
+    from cxrfactory.gan.plots import GROUP_GAP, TILE_GAP, sample_mosaic
 
     if not sources or not classes:
         raise ValueError("the sample table needs at least one source and one class")

@@ -17,18 +17,14 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from cxrfactory import filenames
 from cxrfactory import shards
-from cxrfactory.report.utility_schema import validate_utility
+from cxrfactory.classifier.utility_schema import validate_utility
 from cxrfactory.storage import Location, StorageError
 
-# Names inside a training run folder (cxrfactory.training.loop writes them). Repeated here,
+# Names inside a training run folder (cxrfactory.gan.loop writes them). Repeated here,
 # not imported, so that reading a report does not import the training stack.
-RUN_CONFIG = "config.json"
-RUN_METRICS = "metrics.jsonl"
-RUN_LOSS_CURVES = "loss_curves.png"
-RUN_SAMPLES = "samples"
 RUN_ARTIFACT_DIGEST = "generator/sha256"
-FDD_RESULT = "fdd.json"
 FDD_KEYS = ("classes", "classifier", "real", "floor", "floor_mean", "synthetic", "warnings")
 
 
@@ -82,14 +78,14 @@ def _subfolders_with(loc: Location, name: str) -> list[str]:
 
 def load_run(loc: Location, flag: str = "--run") -> RunInfo:
     """Read a run folder written by the training loop (``<storage>/<run-name>``)."""
-    config_loc, metrics_loc = loc.join(RUN_CONFIG), loc.join(RUN_METRICS)
+    config_loc, metrics_loc = loc.join(filenames.CONFIG), loc.join(filenames.METRICS)
     has_config, has_metrics = config_loc.is_file(), metrics_loc.is_file()
     if not (has_config or has_metrics):
-        runs = _subfolders_with(loc, RUN_CONFIG)
+        runs = _subfolders_with(loc, filenames.CONFIG)
         hint = (f"; it holds the run folder(s) {', '.join(runs[:5])}: pass e.g. "
                 f"{flag} {loc.join(runs[0]).uri}" if runs else "")
         raise ReportInputError(f"{flag} {loc.uri} is not a training run folder: it has neither "
-                               f"{RUN_CONFIG} nor {RUN_METRICS} (expected <storage>/<run-name> "
+                               f"{filenames.CONFIG} nor {filenames.METRICS} (expected <storage>/<run-name> "
                                f"as jobs/train.py writes it){hint}")
     meta: dict[str, Any] = {}
     if has_config:
@@ -113,8 +109,8 @@ def load_run(loc: Location, flag: str = "--run") -> RunInfo:
                 raise ReportInputError(f"{flag} {metrics_loc.uri} line {number} has no 'step': "
                                        "not a training metrics log")
             records.append(record)
-    curves = loc.join(RUN_LOSS_CURVES)
-    samples = [p for p in loc.join(RUN_SAMPLES).list_files(".png")]
+    curves = loc.join(filenames.LOSS_CURVES)
+    samples = [p for p in loc.join(filenames.SAMPLES).list_files(".png")]
     digest = loc.join(RUN_ARTIFACT_DIGEST)
     total = meta.get("total_steps")
     return RunInfo(
@@ -124,7 +120,7 @@ def load_run(loc: Location, flag: str = "--run") -> RunInfo:
         records=records,
         loss_curves_png=curves.read_bytes() if curves.is_file() else None,
         # step-<7 digits>.png sorts by step: the last name is the newest grid.
-        last_sample=(samples[-1], loc.join(RUN_SAMPLES, samples[-1]).read_bytes()) if samples else None,
+        last_sample=(samples[-1], loc.join(filenames.SAMPLES, samples[-1]).read_bytes()) if samples else None,
         generator_sha256=digest.read_text().strip() if digest.is_file() else None,
         total_steps=int(total) if isinstance(total, int) else None,
     )
@@ -219,9 +215,9 @@ def first_images(shard_set: ShardSet, classes: list[str], split: str, k: int) ->
 
 def load_fdd(loc: Location, flag: str = "--fdd") -> dict[str, Any]:
     """``fdd.json`` of a jobs/fdd.py output folder (or the file itself)."""
-    target = loc if loc.path.endswith(".json") and loc.is_file() else loc.join(FDD_RESULT)
+    target = loc if loc.path.endswith(".json") and loc.is_file() else loc.join(filenames.FDD_JSON)
     if not target.is_file():
-        raise ReportInputError(f"{flag} {loc.uri} has no {FDD_RESULT}: expected the --out folder "
+        raise ReportInputError(f"{flag} {loc.uri} has no {filenames.FDD_JSON}: expected the --out folder "
                                "of jobs/fdd.py")
     result = _json(target, "the FDD result jobs/fdd.py writes")
     missing = [k for k in FDD_KEYS if not isinstance(result, dict) or k not in result]
@@ -235,7 +231,7 @@ def load_fdd(loc: Location, flag: str = "--fdd") -> dict[str, Any]:
 
 
 def load_utility(loc: Location, flag: str = "--utility") -> dict[str, Any]:
-    """A ``utility.json`` checked against :mod:`cxrfactory.report.utility_schema`."""
+    """A ``utility.json`` checked against :mod:`cxrfactory.classifier.utility_schema`."""
     if not loc.is_file():
         raise ReportInputError(f"{flag} {loc.uri} is not a file: expected the utility.json of the "
                                "downstream experiment")

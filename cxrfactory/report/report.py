@@ -9,7 +9,7 @@
 The report follows the paper's results: Fig. 2 (loss curves), Table 1 (FDD per class with a
 real-vs-real floor and class-consistency), Table 2 (per class, real images next to each
 synthetic set's), the class counts before and after balancing, and the downstream-utility
-table (:mod:`cxrfactory.report.utility_schema` documents ``utility.json``).
+table (:mod:`cxrfactory.classifier.utility_schema` documents ``utility.json``).
 
 Every input is optional (at least one is needed): a section whose input is absent says so and
 names the flag that supplies it, so the report of a half-run pipeline is still useful. A given

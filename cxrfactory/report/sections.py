@@ -93,7 +93,7 @@ def loss_section(runs: Sequence[tuple[str, RunInfo]], absent: Sequence[str]) -> 
             tuple(_run_row(role, run) for role, run in runs), left=3))
     if runs:
         # Imported here: plots imports torch, which a report without runs need not load.
-        from cxrfactory.report.plots import loss_curves_png
+        from cxrfactory.gan.plots import loss_curves_png
     for k, (role, run) in enumerate(runs):
         letter = "ab"[k] if len(runs) > 1 else ""
         caption = (f"Fig. 2{letter}. Losses of {run.label}, the {role}, per logged step "

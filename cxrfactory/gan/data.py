@@ -22,7 +22,7 @@ a resumed run continues the model exactly but draws its data afresh.
 
 Preprocessing also runs in Ray Data (:class:`BranchPreprocessor`): PNG decode, antialiased
 resize to the top branch's side, area down-sampling to every lower branch (the same pyramid
-:class:`~cxrfactory.training.gan.GANTrainer` builds from a single tensor) and scaling to
+:class:`~cxrfactory.gan.step.GANTrainer` builds from a single tensor) and scaling to
 [-1, 1], so the training workers receive ready tensors.
 """
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from cxrfactory.config import GANConfig
 from cxrfactory.models.sampling import standing_statistics, unwrap
-from cxrfactory.training.losses import BranchLosses, multiscale_d_loss, multiscale_g_loss, total
+from cxrfactory.gan.losses import BranchLosses, multiscale_d_loss, multiscale_g_loss, total
 
 #: Running-average weight of the D-loss collapse detector, and how many D steps it waits.
 _COLLAPSE_MOMENTUM = 0.98

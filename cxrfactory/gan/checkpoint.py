@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
+from cxrfactory import filenames
 from cxrfactory.config import Config
 from cxrfactory.storage import Location, resolve
 
-STATE_NAME = "state.pt"
-CONFIG_NAME = "config.json"
 CHECKPOINT_FORMAT = 1
 _DIR_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 
@@ -55,7 +54,7 @@ def write_checkpoint(directory: str | Path, state: Mapping[str, Any], config: Co
     """Write ``state.pt`` and ``config.json`` into a local ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, directory / STATE_NAME)
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, directory / filenames.STATE)
     meta = {
         "config": config.to_dict(),
         "classes": list(config.model.classes),
@@ -64,7 +63,7 @@ def write_checkpoint(directory: str | Path, state: Mapping[str, Any], config: Co
         "created": datetime.now(timezone.utc).isoformat(),
         **(extra or {}),
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / filenames.CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_checkpoint(directory: str | Path | Location,
@@ -74,12 +73,12 @@ def read_checkpoint(directory: str | Path | Location,
     ``state`` is loaded with ``weights_only=True``; ``meta`` is the parsed ``config.json``.
     """
     if isinstance(directory, Location):
-        state_bytes = directory.join(STATE_NAME).read_bytes()
-        meta_text = directory.join(CONFIG_NAME).read_text()
+        state_bytes = directory.join(filenames.STATE).read_bytes()
+        meta_text = directory.join(filenames.CONFIG).read_text()
     else:
         directory = Path(directory)
-        state_bytes = (directory / STATE_NAME).read_bytes()
-        meta_text = (directory / CONFIG_NAME).read_text()
+        state_bytes = (directory / filenames.STATE).read_bytes()
+        meta_text = (directory / filenames.CONFIG).read_text()
     state = torch.load(io.BytesIO(state_bytes), map_location=map_location, weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
@@ -120,13 +119,13 @@ def find_latest(run: str | Location, s3_endpoint: str | None = None) -> Location
     """The highest-step ``checkpoint-*`` directory below ``run`` holding both files, or None."""
     loc = run if isinstance(run, Location) else resolve(run, s3_endpoint)
     steps = []
-    for rel in loc.list_files(STATE_NAME):
+    for rel in loc.list_files(filenames.STATE):
         parts = rel.split("/")
         match = _DIR_PATTERN.match(parts[0]) if len(parts) == 2 else None
         if match:
             steps.append((int(match.group(1)), parts[0]))
     for _, name in sorted(steps, reverse=True):
-        if loc.join(name, CONFIG_NAME).is_file():
+        if loc.join(name, filenames.CONFIG).is_file():
             return loc.join(name)
     return None
 

@@ -23,224 +23,41 @@ image from its seed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
-from cxrfactory.artifacts import GeneratorArtifact, load_generator_artifact
 from cxrfactory.config import Config
+from cxrfactory.gan.artifact import GeneratorArtifact, load_generator_artifact
 from cxrfactory.models import build_generator
 from cxrfactory.models.sampling import generate
-from cxrfactory.storage import Location, check_readable, check_writable, resolve
+from cxrfactory.storage import Location, check_writable, resolve
+from cxrfactory.synthesis.plan import (
+    ClassPlan,
+    SynthesisConfig,
+    SynthesisError,
+    WorkItem,
+    format_plan,
+    image_seeds,
+    plan_classes,
+    plan_work,
+    real_counts,
+)
+from cxrfactory.synthesis.rows import SOURCE, encode_image, synthetic_rows
 
-SOURCE = "synthetic"
-MIN_RESOLUTION = 8
 GPU_WORKER_MAX_CPUS = 8.0  # default CPUs (PNG encoding threads) of a GPU actor, at most
-
-
-class SynthesisError(ValueError):
-    """A synthesis request that cannot be carried out, with what to change."""
-
-
-@dataclass
-class SynthesisConfig:
-    """Everything that defines a synthesis run (the job's flags, one to one)."""
-
-    generator: str  # generator artifact folder: local path or s3:// URI
-    out: str  # shard root: local path or s3://bucket/prefix
-    target_per_class: int  # rows per class at the end (synthetic, or real + synthetic)
-    classes: tuple[str, ...] | None = None  # classes to make; None: the generator's whole vocabulary
-    balance_against: str | None = None  # real shard root: make N minus its count per class
-    split: str = "train"  # the split of balance_against that is counted
-    seed: int = 0  # run seed; image i of class k gets image_seed(seed, k, i)
-    batch_size: int = 64  # images per generator forward pass
-    rows_per_file: int = 1000  # rows per Parquet file
-    resolution: int | None = None  # output side in px (LANCZOS resize); None: the generator's own
-    workers: int = 1  # generator actors (Ray Data actor pool size)
-    gpus_per_worker: float = 0.0  # GPUs per actor when the cluster has GPUs (0: CPU actors)
-    cpus_per_worker: float | None = None  # CPUs per actor (torch and PNG threads); None: the cluster's CPUs shared by the actors (at most 8 with GPUs)
-    s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
-    overwrite: bool = False  # replace whatever the output holds
-    command: str | None = None  # the command line that asked for it (for the dataset card)
-
-    def __post_init__(self) -> None:
-        if self.classes is not None:
-            self.classes = tuple(self.classes)
-        checks = [
-            (self.target_per_class >= 1, f"--target-per-class must be positive, got {self.target_per_class}"),
-            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
-            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
-            (self.rows_per_file >= 1, f"--rows-per-file must be positive, got {self.rows_per_file}"),
-            (self.resolution is None or self.resolution >= MIN_RESOLUTION,
-             f"--resolution must be at least {MIN_RESOLUTION} px, got {self.resolution}"),
-            (self.workers >= 1, f"--workers must be positive, got {self.workers}"),
-            (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
-            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
-             f"--cpus-per-worker must be positive, got {self.cpus_per_worker}"),
-            (self.balance_against is not None or self.split == "train",
-             "--split only applies with --balance-against"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SynthesisError(message)
-
-
-@dataclass(frozen=True)
-class ClassPlan:
-    """One row of the plan table: what a class gets."""
-
-    label: str
-    class_index: int  # position in the generator's vocabulary (the condition and the seed use it)
-    real: int  # real rows counted in balance_against's split (0 without it)
-    to_generate: int  # synthetic rows to make: max(0, target - real)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One output file: images ``[start, stop)`` of one class."""
-
-    path: str  # relative to the output root, train/<Class>/part-0000k.parquet (shards.shard_path)
-    label: str
-    class_index: int
-    start: int
-    stop: int
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeds and images
-
-
-def image_seed(run_seed: int, class_index: int, image_index: int) -> int:
-    """The per-image seed: a stable 63-bit hash of ``(run seed, class index, image index)``.
-
-    sha256 of a canonical string rather than arithmetic, so seeds of neighbouring runs, classes
-    and indices share no structure, and the value is the same on every platform and version.
-    """
-    key = f"cxrfactory-image-seed:{int(run_seed)}:{int(class_index)}:{int(image_index)}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
-
-
-def image_seeds(run_seed: int, class_index: int, start: int, stop: int) -> list[int]:
-    return [image_seed(run_seed, class_index, i) for i in range(start, stop)]
-
-
-def synthetic_image_id(label: str, seed: int) -> str:
-    """DESIGN's ``syn-<Class>-<seed>``."""
-    return f"syn-{label}-{seed}"
-
-
-def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    """uint8 ``(H, W)`` -> ``(resolution, resolution)``, antialiased (PIL LANCZOS)."""
-    if image.shape == (resolution, resolution):
-        return image
-    return np.asarray(Image.fromarray(image, mode="L").resize((resolution, resolution),
-                                                              Image.Resampling.LANCZOS))
-
-
-def encode_image(image: np.ndarray, resolution: int) -> bytes:
-    """Generator output -> the stored PNG (resized first when ``resolution`` differs)."""
-    return shards.encode_png(resize_image(image, resolution))
-
-
-def synthetic_rows(label: str, seeds: Sequence[int], pngs: Sequence[bytes], resolution: int,
-                   generator_sha256: str) -> list[dict[str, Any]]:
-    """Rows of DESIGN's schema for generated images (PNG bytes, square ``resolution`` px)."""
-    findings = [] if label == "Normal" else [label]
-    rows = []
-    for seed, png in zip(seeds, pngs, strict=True):
-        image_id = synthetic_image_id(label, seed)
-        rows.append({
-            "image_id": image_id, "image": {"bytes": png, "path": f"{image_id}.png"},
-            "label": label, "findings": list(findings), "split": shards.SYNTHETIC_SPLIT,
-            "patient_id": None, "source": SOURCE, "seed": int(seed), "generator": generator_sha256,
-            "height": resolution, "width": resolution,
-        })
-    return rows
-
-
-def regenerate(row: dict[str, Any], artifact: GeneratorArtifact, *,
-               device: str | torch.device = "cpu") -> np.ndarray:
-    """Remake a synthetic row's image from its seed: uint8 ``(height, width)``.
-
-    ``row`` needs ``label``, ``seed``, ``generator``, ``height`` and ``width`` (a shard row as
-    read back). The image is made alone (a batch of one): on a CPU whose kernels do not depend
-    on the batch size (this project's: tested) it is the stored image bit for bit; on a GPU,
-    where they do, a pixel may differ by one grey level (under 1% of them, BENCHMARKS.md).
-    """
-    if row.get("seed") is None or row.get("generator") is None:
-        raise SynthesisError(f"row {row.get('image_id')!r} is not synthetic: it has no seed/generator")
-    if row["generator"] != artifact.sha256:
-        raise SynthesisError(f"row {row.get('image_id')!r} was made by generator "
-                             f"{row['generator'][:12]}…, not by this artifact ({artifact.sha256[:12]}…)")
-    index = L.class_index(row["label"], artifact.classes)
-    image = generate(artifact.generator, [index], [int(row["seed"])], device=device, batch_size=1)[0]
-    return resize_image(image, int(row["height"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning
-
-
-def real_counts(uri: str, split: str, s3_endpoint: str | None = None) -> dict[str, int]:
-    """Rows per class of ``split`` in a real shard folder (from its manifest)."""
-    root = resolve(uri, s3_endpoint)
-    check_readable(root, "--balance-against folder")
-    manifest = shards.read_manifest(root)
-    if split not in manifest.counts:
-        raise SynthesisError(f"--balance-against {uri} has no split {split!r}; it holds "
-                             f"{', '.join(manifest.counts) or 'no rows'}")
-    return dict(manifest.counts[split])
-
-
-def plan_classes(classes: Sequence[str], vocabulary: Sequence[str], target: int,
-                 real: dict[str, int] | None = None) -> list[ClassPlan]:
-    """Per class (vocabulary order): real count and how many to make so real + synthetic = target."""
-    plan = []
-    for label in L.validate_classes(classes, vocabulary):
-        have = int((real or {}).get(label, 0))
-        plan.append(ClassPlan(label, L.class_index(label, vocabulary), have, max(0, target - have)))
-    return plan
-
-
-def plan_work(plan: Sequence[ClassPlan], rows_per_file: int) -> list[WorkItem]:
-    """One work item per output file: ``rows_per_file`` consecutive image indices of a class."""
-    items = []
-    for cls in plan:
-        for k, start in enumerate(range(0, cls.to_generate, rows_per_file)):
-            path = shards.shard_path(shards.SYNTHETIC_SPLIT, cls.label, k)
-            items.append(WorkItem(path, cls.label, cls.class_index, start,
-                                  min(start + rows_per_file, cls.to_generate)))
-    return items
-
-
-def format_plan(plan: Sequence[ClassPlan], written: dict[str, int] | None = None) -> str:
-    """The plan table (class, real, to generate, total); with ``written``, the final summary."""
-    width = max([len(p.label) for p in plan] + [5])
-    third = "synthetic" if written is not None else "to generate"
-    header = f"{'class':<{width}} {'real':>9} {third:>11} {'total':>9}"
-    made = {p.label: p.to_generate if written is None else written.get(p.label, 0) for p in plan}
-    rows = [(p.label, p.real, made[p.label]) for p in plan]
-    rows.append(("total", sum(p.real for p in plan), sum(made.values())))
-    lines = [f"{label:<{width}} {real:>9} {n:>11} {real + n:>9}" for label, real, n in rows]
-    rule = "-" * len(header)
-    return "\n".join([header, rule, *lines[:-1], rule, lines[-1]])
-
-
-# ---------------------------------------------------------------------------------------------
-# The Ray Data stage
 
 
 def peak_rss_mb() -> float:
@@ -416,8 +233,8 @@ def _refuse_another_run(out: Location, identity: dict[str, Any]) -> None:
     :func:`shards.prepare_output` refuses such a folder too, but without naming the difference;
     the identity of the run that made the folder is still in its ``_plan.json``.
     """
-    plan_loc = out.join(shards.PLAN_NAME)
-    if not (out.join(shards.MANIFEST_NAME).exists() and plan_loc.exists()):
+    plan_loc = out.join(filenames.PLAN)
+    if not (out.join(filenames.MANIFEST).exists() and plan_loc.exists()):
         return
     previous = json.loads(plan_loc.read_text())
     if previous.get("fingerprint") != shards.fingerprint(identity):

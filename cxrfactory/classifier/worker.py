@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrfactory import filenames
 from cxrfactory.metrics.classification import classification_metrics
 from cxrfactory.storage import resolve
-from cxrfactory.training.classifier import STATE_FILE, ClassifierConfig, build_model
+from cxrfactory.classifier.config import ClassifierConfig, build_model
 
-CONFIG_FILE = "config.json"
-METRICS_IN_CHECKPOINT = "metrics.json"
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, *, std: float,
@@ -156,7 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(Path(directory) / filenames.STATE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -210,9 +209,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "epoch": epoch},
-                       Path(directory) / STATE_FILE)
-            (Path(directory) / CONFIG_FILE).write_text(json.dumps(
+                       Path(directory) / filenames.STATE)
+            (Path(directory) / filenames.CONFIG).write_text(json.dumps(
                 {"config": config.to_dict(), "classes": list(classes)}, indent=2))
-            (Path(directory) / METRICS_IN_CHECKPOINT).write_text(json.dumps(jsonable(metrics)))
+            (Path(directory) / filenames.CHECKPOINT_METRICS).write_text(json.dumps(jsonable(metrics)))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")

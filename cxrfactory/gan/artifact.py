@@ -16,18 +16,15 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cxrfactory import filenames
 from cxrfactory.config import Config, ConfigError
 from cxrfactory.storage import Location, resolve
 
-WEIGHTS_NAME = "generator.pt"
-CONFIG_NAME = "config.json"
-DIGEST_NAME = "sha256"
 #: How generator outputs map to pixels; recorded so a reader never has to guess.
 NORMALISATION = {"output_range": [-1.0, 1.0], "to_uint8": "round((x + 1) * 127.5)", "channels": 1}
 
@@ -81,9 +78,9 @@ def save_generator_artifact(out: str | Location, generator: nn.Module, config: C
         "normalisation": NORMALISATION,
         **(extra or {}),
     }
-    loc.join(WEIGHTS_NAME).write_bytes(data)
-    loc.join(CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    loc.join(DIGEST_NAME).write_text(digest + "\n")
+    loc.join(filenames.GENERATOR_WEIGHTS).write_bytes(data)
+    loc.join(filenames.CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    loc.join(filenames.SHA256).write_text(digest + "\n")
     return digest
 
 
@@ -94,31 +91,31 @@ def load_generator_artifact(path: str | Location, *, s3_endpoint: str | None = N
 
     loc = path if isinstance(path, Location) else resolve(path, s3_endpoint)
     files = {}
-    for name in (WEIGHTS_NAME, CONFIG_NAME, DIGEST_NAME):
+    for name in (filenames.GENERATOR_WEIGHTS, filenames.CONFIG, filenames.SHA256):
         try:
             files[name] = loc.join(name).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactError(
                 f"{loc.uri} is not a generator artifact: {name} is missing (expected "
-                f"{WEIGHTS_NAME}, {CONFIG_NAME} and {DIGEST_NAME}, as jobs/train.py writes them)"
+                f"{filenames.GENERATOR_WEIGHTS}, {filenames.CONFIG} and {filenames.SHA256}, as jobs/train.py writes them)"
             ) from None
-    digest = sha256_bytes(files[WEIGHTS_NAME])
-    expected = files[DIGEST_NAME].decode(errors="replace").strip()
+    digest = sha256_bytes(files[filenames.GENERATOR_WEIGHTS])
+    expected = files[filenames.SHA256].decode(errors="replace").strip()
     if digest != expected:
-        raise ArtifactError(f"{loc.join(WEIGHTS_NAME).uri} is corrupt: its sha256 {digest[:12]}… "
+        raise ArtifactError(f"{loc.join(filenames.GENERATOR_WEIGHTS).uri} is corrupt: its sha256 {digest[:12]}… "
                             f"differs from the recorded {expected[:12]}…")
     try:
-        meta = json.loads(files[CONFIG_NAME])
+        meta = json.loads(files[filenames.CONFIG])
         config = Config.from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
-        raise ArtifactError(f"{loc.join(CONFIG_NAME).uri} is not a valid artifact config: {exc}") from exc
+        raise ArtifactError(f"{loc.join(filenames.CONFIG).uri} is not a valid artifact config: {exc}") from exc
     try:
-        state = torch.load(io.BytesIO(files[WEIGHTS_NAME]), map_location=map_location,
+        state = torch.load(io.BytesIO(files[filenames.GENERATOR_WEIGHTS]), map_location=map_location,
                            weights_only=True)
         generator = build_generator(config)
         generator.load_state_dict(state)
     except Exception as exc:  # any unpickling or shape error means the file is unusable
-        raise ArtifactError(f"{loc.join(WEIGHTS_NAME).uri} does not load into the generator its "
+        raise ArtifactError(f"{loc.join(filenames.GENERATOR_WEIGHTS).uri} does not load into the generator its "
                             f"config describes: {exc}") from exc
     generator.eval()
     return GeneratorArtifact(generator, config, digest, meta)

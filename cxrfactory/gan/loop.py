@@ -7,7 +7,7 @@ a checkpoint of another model), saves the resolved config, then runs a ``TorchTr
 
 Each worker runs :func:`train_worker`: build G and the discriminators from the same seed,
 wrap each in its own DDP, resume from Ray Train's latest checkpoint, then feed
-:class:`~cxrfactory.training.gan.GANTrainer` the ready tensors of its Ray Data shard. One step
+:class:`~cxrfactory.gan.step.GANTrainer` the ready tensors of its Ray Data shard. One step
 is one global real batch (``train.batch_size`` images split over the workers).
 
 What a run leaves in ``<storage>/<run_name>/``: Ray Train's ``checkpoint-<step>/`` directories
@@ -37,27 +37,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrfactory.artifacts import save_generator_artifact
+from cxrfactory import filenames
+from cxrfactory.gan.artifact import save_generator_artifact
 from cxrfactory.config import Config
 from cxrfactory.models import build_discriminators, build_generator, noise_for_seeds
-from cxrfactory.report.plots import save_loss_curves, save_sample_grid
+from cxrfactory.gan.plots import save_loss_curves, save_sample_grid
 from cxrfactory.storage import check_writable, resolve
-from cxrfactory.training import checkpoint as ckpt
-from cxrfactory.training.data import (
+from cxrfactory.gan import checkpoint as ckpt
+from cxrfactory.gan.data import (
     EpochPlan,
     batch_to_tensors,
     build_train_dataset,
     plan_epochs,
     read_train_manifest,
 )
-from cxrfactory.training.gan import GANTrainer
-from cxrfactory.training.progress import MetricsLog, Progress, say
+from cxrfactory.gan.step import GANTrainer
+from cxrfactory.gan.progress import MetricsLog, Progress, say
 
-METRICS_NAME = "metrics.jsonl"
-RUN_CONFIG_NAME = "config.json"
-LOSS_CURVES_NAME = "loss_curves.png"
-ARTIFACT_DIR = "generator"
-SAMPLES_DIR = "samples"
 
 
 class TrainingError(RuntimeError):
@@ -142,7 +138,7 @@ def prepare_run(config: Config, options: RunOptions) -> RunPlan:
     latest = ckpt.find_latest(run)
     resume_step = None
     if latest is not None:
-        meta = json.loads(latest.join(ckpt.CONFIG_NAME).read_text())
+        meta = json.loads(latest.join(filenames.CONFIG).read_text())
         ckpt.check_compatible(meta, config, where=f"run {options.run_name!r} ({latest.uri})")
         resume_step = int(meta["step"])
     return RunPlan(config, options, epochs, run.uri, resume_step)
@@ -181,7 +177,7 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     plan = plan or prepare_run(config, options)
     log(describe(plan))
     run = resolve(plan.run_uri, options.s3_endpoint)
-    run.join(RUN_CONFIG_NAME).write_text(json.dumps({
+    run.join(filenames.CONFIG).write_text(json.dumps({
         "config": config.to_dict(), "classes": list(config.model.classes), "data": options.data,
         "run_name": options.run_name, "options": asdict(options),
         "epoch_plan": {"rows": plan.epochs.rows, "steps_per_epoch": plan.epochs.steps_per_epoch,
@@ -219,7 +215,7 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     m = dict(result.metrics or {})
     return TrainResult(
         run_uri=plan.run_uri, step=int(m["step"]), epoch=int(m["epoch"]), images_seen=int(m["images_seen"]),
-        artifact_uri=run.join(ARTIFACT_DIR).uri,
+        artifact_uri=run.join(filenames.GENERATOR).uri,
         checkpoint_uri=run.join(posixpath.basename(result.checkpoint.path)).uri if result.checkpoint else None,
         resumed_from=m.get("resumed_from"), param_digests=list(m.get("param_digests", [])), metrics=m,
     )
@@ -380,7 +376,7 @@ class _WorkerLoop:
 
         self.resume()
         fault_armed = self.arm_fault()
-        self.metrics = MetricsLog(self.run_loc.join(METRICS_NAME), self.is_chief, self.pos.step)
+        self.metrics = MetricsLog(self.run_loc.join(filenames.METRICS), self.is_chief, self.pos.step)
         config, pos, trainer, epochs = self.config, self.pos, self.trainer, self.config.train.epochs
         progress = Progress(self.total_steps, config.train.batch_size, self.world, self.is_chief)
         shard = ray.train.get_dataset_shard("train")
@@ -414,7 +410,7 @@ class _WorkerLoop:
                                     f"{self.epochs.steps_per_epoch} steps: the data stream was shorter than planned")
 
         # The end: a last checkpoint and the artifact, unless a finished run was started again.
-        if self.last_saved != pos.step or not self.run_loc.join(ARTIFACT_DIR, "sha256").exists():
+        if self.last_saved != pos.step or not self.run_loc.join(filenames.GENERATOR, "sha256").exists():
             self.save(final=True)
         else:
             ray.train.report(self._report(_gather(_param_digest(trainer), self.world)))
@@ -444,14 +440,14 @@ class _WorkerLoop:
             name = self.options.run_name
             ckpt.write_checkpoint(tmp, state, self.config, {"run_name": name, "data": self.options.data})
             save_sample_grid(trainer.sample(self.sample_c, self.sample_z), self.config.model.classes,
-                             self.options.samples_per_class, run.join(SAMPLES_DIR, f"step-{pos.step:07d}.png"),
+                             self.options.samples_per_class, run.join(filenames.SAMPLES, f"step-{pos.step:07d}.png"),
                              title=f"{name} step {pos.step} (epoch {pos.epoch}, tau {trainer.tau:g})")
-            save_loss_curves(self.metrics.records, run.join(LOSS_CURVES_NAME), title=name)
+            save_loss_curves(self.metrics.records, run.join(filenames.LOSS_CURVES), title=name)
             if final:
                 report["artifact_sha256"] = digest = save_generator_artifact(
-                    run.join(ARTIFACT_DIR), trainer.prepare_ema(), self.config,
+                    run.join(filenames.GENERATOR), trainer.prepare_ema(), self.config,
                     extra={"run_name": name, "step": pos.step, "images_seen": trainer.images_seen})
-                say(f"[train] generator artifact {run.join(ARTIFACT_DIR).uri} (sha256 {digest[:12]})")
+                say(f"[train] generator artifact {run.join(filenames.GENERATOR).uri} (sha256 {digest[:12]})")
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=ckpt.checkpoint_dir_name(pos.step))
         self.last_saved = pos.step

@@ -7,7 +7,7 @@ val split and are scored on the real test split, which neither saw: per-class on
 AUROC, the macro average, and the difference. Rare classes (fewest real training rows) are
 called out, since that is where balancing should help.
 
-The result is ``utility.json`` in the schema :mod:`cxrfactory.report.utility_schema` reads.
+The result is ``utility.json`` in the schema :mod:`cxrfactory.classifier.utility_schema` reads.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import torch
 
 from cxrfactory.labels import multi_hot
 from cxrfactory.metrics.classification import classification_metrics
-from cxrfactory.models.densenet import load_classifier_artifact
+from cxrfactory.classifier.artifact import load_classifier_artifact
 from cxrfactory.raydata import read_shards
-from cxrfactory.training.classifier import ClassifierConfig, decode_images, train_classifier
+from cxrfactory.classifier.config import ClassifierConfig
+from cxrfactory.classifier.driver import train_classifier
+from cxrfactory.models.densenet import decode_images
 
 ARMS = ("real", "real+synthetic")
 

@@ -1,0 +1,182 @@
+"""Train the DenseNet classifier on Ray Train and export the best checkpoint as its artifact.
+
+The classifier is what FDD measures with (its features) and what class-consistency asks (its
+predictions), so it is trained here with the same preprocessing FDD will apply::
+
+    plan the mix (classifier.data, no Ray)  ->  Ray Data: draw per class, shuffle, decode
+      ->  TorchTrainer workers (classifier.worker, DDP): train, validate every epoch
+      ->  Ray keeps the best checkpoint by validation macro AUROC
+      ->  <out>/classifier: the classifier artifact (classifier.artifact), with its preprocessing
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrfactory import filenames
+from cxrfactory import shards
+from cxrfactory.classifier.artifact import save_classifier_artifact
+from cxrfactory.classifier.config import (
+    ARCHITECTURES,
+    SCORE_METRIC,
+    ClassifierConfig,
+    ClassifierError,
+    ClassifierTrainingError,
+)
+from cxrfactory.classifier.data import build_datasets, expected_positives, plan_mix
+from cxrfactory.models.densenet import densenet121_xray
+from cxrfactory.storage import Location, check_readable, resolve
+
+
+
+@dataclass(frozen=True)
+class TrainedClassifier:
+    """What a finished run leaves: the artifact and the epoch it was taken from."""
+
+    artifact: str  # the classifier artifact folder (FDD's --classifier)
+    sha256: str  # of its weights
+    epoch: int  # the epoch of the best checkpoint
+    metrics: dict[str, Any]  # that epoch's training and validation metrics
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch (metrics.jsonl)
+
+
+def _manifest(uri: str, s3_endpoint: str | None) -> shards.Manifest:
+    root = resolve(uri, s3_endpoint)
+    check_readable(root, "shard folder")
+    return shards.read_manifest(root)
+
+
+def _check_resumable(run: Location, config: ClassifierConfig) -> None:
+    """A run name already used with other settings would resume the wrong network."""
+    saved = run.join(filenames.CLASSIFIER_RUN)
+    current = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "out", "max_failures")}
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed:
+            raise ClassifierError(
+                f"run {config.run_name!r} in {run.uri} was started with other settings "
+                f"({', '.join(changed)}); give another --run-name to start afresh")
+    saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _worker_resources(config: ClassifierConfig) -> dict[str, float]:
+    """CPUs per worker: 1, or a fraction on a small cluster, so Ray Data keeps one CPU for
+    reading and decoding (training workers' CPUs come out of Data's budget)."""
+    import ray
+
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        total = ray.cluster_resources().get("CPU", 1.0)
+        cpus = 1.0 if config.use_gpu else min(1.0, max(total - 1.0, 0.25) / config.num_workers)
+    return {"CPU": cpus, **({"GPU": 1.0} if config.use_gpu else {})}
+
+
+def _root_cause(error: BaseException) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        return f"worker {rank}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
+    return str(error).strip().splitlines()[-1]
+
+
+def _best(result: Any) -> tuple[Any, dict[str, Any]]:
+    """The kept checkpoint with the highest validation score; on a tie the later epoch, as Ray
+    orders them (it has already deleted the earlier one)."""
+    kept = list(result.best_checkpoints or [])
+    if not kept:
+        raise ClassifierTrainingError("training reported no checkpoint")
+
+    def key(item: tuple[Any, dict[str, Any]]) -> tuple[float, int]:
+        score = item[1].get(SCORE_METRIC)
+        return (-math.inf if score is None or math.isnan(score) else score), item[1]["epoch"]
+
+    return max(kept, key=key)
+
+
+def train_classifier(config: ClassifierConfig,
+                     log: Callable[[str], None] = print) -> TrainedClassifier:
+    """Train on Ray Train and export the best checkpoint as ``<out>/classifier``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cxrfactory.raydata import quiet_datasets
+    from cxrfactory.runtime import init_ray
+    from cxrfactory.classifier.worker import (
+        inverse_frequency_weights,
+        jsonable,
+        read_history,
+        train_loop_per_worker,
+    )
+
+    # Plan
+    real = _manifest(config.real, config.s3_endpoint)
+    mix = plan_mix(config, real, [_manifest(u, config.s3_endpoint) for u in config.synthetic])
+    for note in mix.notes:
+        log(f"[classifier] note: {note}")
+    log(f"[classifier] rows per epoch ({config.mode}, {config.arch} at {config.resolution} px):\n"
+        + mix.describe())
+    init_ray()
+    if config.use_gpu and not ray.cluster_resources().get("GPU"):
+        raise ClassifierError("--use-gpu asks for GPUs but the Ray cluster has none")
+    weights = None
+    if config.class_weighted:
+        counts = mix.class_counts() if config.mode == "multiclass" else expected_positives(config, mix)
+        weights = inverse_frequency_weights(counts, config.mode, sum(mix.class_counts()))
+        log("[classifier] class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(mix.classes, weights)))
+    out = Path(config.out).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = resolve(config.storage or str(out / "runs"), config.s3_endpoint)
+    run = storage.join(config.run_name)
+    _check_resumable(run, config)
+    metrics_uri = run.join(filenames.METRICS).uri
+
+    # Train
+    with quiet_datasets():
+        train_ds, val_ds = build_datasets(config, mix)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "classes": list(mix.classes),
+                           "class_weights": weights, "metrics_uri": metrics_uri},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=_worker_resources(config)),
+        run_config=RunConfig(
+            name=config.run_name, storage_path=storage.path, storage_filesystem=storage.fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_METRIC,
+                                               checkpoint_score_order="max"),
+            logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": train_ds, "val": val_ds},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise ClassifierTrainingError(f"training failed after {config.max_failures} recovery "
+                                      f"attempt(s): {_root_cause(error)}") from error
+
+    # Export the best checkpoint with its preprocessing
+    checkpoint, metrics = _best(result)
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / filenames.STATE, map_location="cpu", weights_only=True)
+    model = densenet121_xray(num_classes=len(mix.classes), **ARCHITECTURES[config.arch])
+    model.load_state_dict(state["model"])
+    history = read_history(metrics_uri, config.s3_endpoint)
+    (out / filenames.METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+    best = jsonable(dict(metrics))
+    artifact = out / filenames.CLASSIFIER
+    sha = save_classifier_artifact(
+        artifact, model, mix.classes, config.preprocessing,
+        extra={"training": config.to_dict(), "epoch": int(state["epoch"]), "validation": best,
+               "rows_per_epoch": dict(zip(mix.classes, mix.class_counts()))})
+    log(f"[classifier] best epoch {int(state['epoch'])}: val macro AUROC "
+        f"{best.get(SCORE_METRIC)}, accuracy {best.get('val_accuracy')}; artifact {artifact} "
+        f"(sha256 {sha[:12]})")
+    return TrainedClassifier(str(artifact), sha, int(state["epoch"]), best, history)

@@ -1,0 +1,150 @@
+"""What a synthesis run makes: its config, the per-image seeds and the plan of files.
+
+Per class ``N`` rows, or ``N`` minus its real count in ``balance_against`` (never below 0), cut
+into work items, one per output file: ``(class, [start, stop))``. Image ``i`` of class ``k``
+has the seed ``image_seed(run_seed, k, i)`` (docs/architecture.md, "Seeds"). No Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cxrfactory import labels as L
+from cxrfactory import shards
+from cxrfactory.storage import check_readable, resolve
+
+MIN_RESOLUTION = 8
+
+
+class SynthesisError(ValueError):
+    """A synthesis request that cannot be carried out, with what to change."""
+
+
+@dataclass
+class SynthesisConfig:
+    """Everything that defines a synthesis run (the job's flags, one to one)."""
+
+    generator: str  # generator artifact folder: local path or s3:// URI
+    out: str  # shard root: local path or s3://bucket/prefix
+    target_per_class: int  # rows per class at the end (synthetic, or real + synthetic)
+    classes: tuple[str, ...] | None = None  # classes to make; None: the generator's whole vocabulary
+    balance_against: str | None = None  # real shard root: make N minus its count per class
+    split: str = "train"  # the split of balance_against that is counted
+    seed: int = 0  # run seed; image i of class k gets image_seed(seed, k, i)
+    batch_size: int = 64  # images per generator forward pass
+    rows_per_file: int = 1000  # rows per Parquet file
+    resolution: int | None = None  # output side in px (LANCZOS resize); None: the generator's own
+    workers: int = 1  # generator actors (Ray Data actor pool size)
+    gpus_per_worker: float = 0.0  # GPUs per actor when the cluster has GPUs (0: CPU actors)
+    cpus_per_worker: float | None = None  # CPUs per actor (torch and PNG threads); None: the cluster's CPUs shared by the actors (at most 8 with GPUs)
+    s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
+    overwrite: bool = False  # replace whatever the output holds
+    command: str | None = None  # the command line that asked for it (for the dataset card)
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+        checks = [
+            (self.target_per_class >= 1, f"--target-per-class must be positive, got {self.target_per_class}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.rows_per_file >= 1, f"--rows-per-file must be positive, got {self.rows_per_file}"),
+            (self.resolution is None or self.resolution >= MIN_RESOLUTION,
+             f"--resolution must be at least {MIN_RESOLUTION} px, got {self.resolution}"),
+            (self.workers >= 1, f"--workers must be positive, got {self.workers}"),
+            (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}"),
+            (self.cpus_per_worker is None or self.cpus_per_worker > 0,
+             f"--cpus-per-worker must be positive, got {self.cpus_per_worker}"),
+            (self.balance_against is not None or self.split == "train",
+             "--split only applies with --balance-against"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SynthesisError(message)
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """One row of the plan table: what a class gets."""
+
+    label: str
+    class_index: int  # position in the generator's vocabulary (the condition and the seed use it)
+    real: int  # real rows counted in balance_against's split (0 without it)
+    to_generate: int  # synthetic rows to make: max(0, target - real)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One output file: images ``[start, stop)`` of one class."""
+
+    path: str  # relative to the output root, train/<Class>/part-0000k.parquet (shards.shard_path)
+    label: str
+    class_index: int
+    start: int
+    stop: int
+
+
+def image_seed(run_seed: int, class_index: int, image_index: int) -> int:
+    """The per-image seed: a stable 63-bit hash of ``(run seed, class index, image index)``.
+
+    sha256 of a canonical string rather than arithmetic, so seeds of neighbouring runs, classes
+    and indices share no structure, and the value is the same on every platform and version.
+    """
+    key = f"cxrfactory-image-seed:{int(run_seed)}:{int(class_index)}:{int(image_index)}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+def image_seeds(run_seed: int, class_index: int, start: int, stop: int) -> list[int]:
+    return [image_seed(run_seed, class_index, i) for i in range(start, stop)]
+
+
+def synthetic_image_id(label: str, seed: int) -> str:
+    """DESIGN's ``syn-<Class>-<seed>``."""
+    return f"syn-{label}-{seed}"
+
+
+def real_counts(uri: str, split: str, s3_endpoint: str | None = None) -> dict[str, int]:
+    """Rows per class of ``split`` in a real shard folder (from its manifest)."""
+    root = resolve(uri, s3_endpoint)
+    check_readable(root, "--balance-against folder")
+    manifest = shards.read_manifest(root)
+    if split not in manifest.counts:
+        raise SynthesisError(f"--balance-against {uri} has no split {split!r}; it holds "
+                             f"{', '.join(manifest.counts) or 'no rows'}")
+    return dict(manifest.counts[split])
+
+
+def plan_classes(classes: Sequence[str], vocabulary: Sequence[str], target: int,
+                 real: dict[str, int] | None = None) -> list[ClassPlan]:
+    """Per class (vocabulary order): real count and how many to make so real + synthetic = target."""
+    plan = []
+    for label in L.validate_classes(classes, vocabulary):
+        have = int((real or {}).get(label, 0))
+        plan.append(ClassPlan(label, L.class_index(label, vocabulary), have, max(0, target - have)))
+    return plan
+
+
+def plan_work(plan: Sequence[ClassPlan], rows_per_file: int) -> list[WorkItem]:
+    """One work item per output file: ``rows_per_file`` consecutive image indices of a class."""
+    items = []
+    for cls in plan:
+        for k, start in enumerate(range(0, cls.to_generate, rows_per_file)):
+            path = shards.shard_path(shards.SYNTHETIC_SPLIT, cls.label, k)
+            items.append(WorkItem(path, cls.label, cls.class_index, start,
+                                  min(start + rows_per_file, cls.to_generate)))
+    return items
+
+
+def format_plan(plan: Sequence[ClassPlan], written: dict[str, int] | None = None) -> str:
+    """The plan table (class, real, to generate, total); with ``written``, the final summary."""
+    width = max([len(p.label) for p in plan] + [5])
+    third = "synthetic" if written is not None else "to generate"
+    header = f"{'class':<{width}} {'real':>9} {third:>11} {'total':>9}"
+    made = {p.label: p.to_generate if written is None else written.get(p.label, 0) for p in plan}
+    rows = [(p.label, p.real, made[p.label]) for p in plan]
+    rows.append(("total", sum(p.real for p in plan), sum(made.values())))
+    lines = [f"{label:<{width}} {real:>9} {n:>11} {real + n:>9}" for label, real, n in rows]
+    rule = "-" * len(header)
+    return "\n".join([header, rule, *lines[:-1], rule, lines[-1]])
