@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxrfactory.errors import UserError
 from cxrfactory.labels import DEFAULT_CLASSES, validate_classes
 
 #: Folder of the YAML presets shipped with the package.
@@ -29,7 +30,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 ARCHITECTURES = ("stackgan", "cdcgan")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot describe a run (unknown key, wrong type, bad value)."""
 
 

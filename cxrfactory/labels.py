@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from cxrfactory.errors import UserError
+
 #: The default vocabulary (index = position). NIH's ``No Finding`` is ``Normal``.
 DEFAULT_CLASSES: tuple[str, ...] = (
     "Normal",
@@ -37,7 +39,7 @@ NIH_FINDINGS: tuple[str, ...] = (
 )
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(UserError, ValueError):
     """A class name outside the vocabulary."""
 
 

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot
 from cxrfactory.storage import Location, StorageError, check_readable, resolve
@@ -99,7 +100,7 @@ SCHEMA = pa.schema(
 SKIPPED_METADATA_KEY = b"cxrfactory.skipped"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that is missing, malformed or lists shards that are not there."""
 
 
@@ -354,7 +355,7 @@ def format_count_table(manifest: Manifest) -> str:
 
 
 
-class OutputConflictError(ValueError):
+class OutputConflictError(UserError, ValueError):
     """The output folder holds something else than what this job would write."""
 
 

@@ -22,10 +22,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from cxrfactory.errors import UserError
+
 ENDPOINT_ENV = "CXRF_S3_ENDPOINT"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A location that cannot be read or written, with the reason and a way to fix it."""
 
 

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cxrfactory.errors import UserError
 from cxrfactory.labels import validate_classes
 from cxrfactory.models.densenet import Preprocessing, XrayDenseNet, densenet121_xray
 
@@ -24,7 +25,7 @@ MODES = ("multiclass", "multilabel")
 SCORE_METRIC = "val_macro_auroc"
 
 
-class ClassifierError(ValueError):
+class ClassifierError(UserError, ValueError):
     """Input that cannot train a classifier (missing split, empty class, bad mix, ...)."""
 
 

@@ -34,6 +34,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from cxrfactory.errors import UserError
+
 #: The two arms the report compares, in table order.
 ARMS = ("real", "real+synthetic")
 
@@ -69,7 +71,7 @@ UTILITY_SCHEMA: dict[str, Any] = {
 }
 
 
-class UtilityFormatError(ValueError):
+class UtilityFormatError(UserError, ValueError):
     """A utility.json that does not follow the contract, with every problem found."""
 
 

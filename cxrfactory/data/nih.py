@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
@@ -44,7 +45,7 @@ REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 OPTIONAL_COLUMNS = ("Follow-up #", "Patient Age", "Patient Gender", "View Position")
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """Input that cannot be ingested, with what was expected."""
 
 

@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory.data.phantom_anatomy import (
@@ -115,7 +116,7 @@ _REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Pati
 _TEMP_SUFFIX = ".tmp"
 
 
-class PhantomError(ValueError):
+class PhantomError(UserError, ValueError):
     """Input that cannot become a phantom folder, with what was expected."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory.config import Config, ConfigError
 from cxrfactory.storage import Location, resolve
@@ -29,7 +30,7 @@ from cxrfactory.storage import Location, resolve
 NORMALISATION = {"output_range": [-1.0, 1.0], "to_uint8": "round((x + 1) * 127.5)", "channels": 1}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A missing, incomplete or corrupt artifact."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory.config import Config
 from cxrfactory.storage import Location, resolve
@@ -40,7 +41,7 @@ CHECKPOINT_FORMAT = 1
 _DIR_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint made for another model than the one this run builds."""
 
 

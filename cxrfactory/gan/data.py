@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from cxrfactory.errors import UserError
 from cxrfactory import shards
 from cxrfactory.storage import check_readable, resolve
 
@@ -51,7 +52,7 @@ COLUMNS = ("image_id", "image", "label", "split")
 PREPROCESS_BATCH_ROWS = 64
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(UserError, ValueError):
     """Shards that cannot feed this training run (missing class, too few images, ...)."""
 
 

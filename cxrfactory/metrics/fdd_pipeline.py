@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory.classifier.artifact import load_classifier_artifact
 from cxrfactory.metrics.stats import FeatureStats
@@ -33,7 +34,7 @@ HALF_SALT = "cxrfactory-fdd-half"  # which patients form each half of the floor
 HALVES = ("a", "b")
 
 
-class FDDError(ValueError):
+class FDDError(UserError, ValueError):
     """Input FDD cannot measure: a class without rows, a stale cache, a broken classifier."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from cxrfactory.errors import UserError
 from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.classifier.utility_schema import validate_utility
@@ -28,7 +29,7 @@ RUN_ARTIFACT_DIGEST = "generator/sha256"
 FDD_KEYS = ("classes", "classifier", "real", "floor", "floor_mean", "synthetic", "warnings")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """An input that exists but is not what its flag expects (a user mistake: exit status 2)."""
 
 

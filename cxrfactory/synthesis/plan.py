@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cxrfactory.errors import UserError
 from cxrfactory import labels as L
 from cxrfactory import shards
 from cxrfactory.storage import check_readable, resolve
@@ -18,7 +19,7 @@ from cxrfactory.storage import check_readable, resolve
 MIN_RESOLUTION = 8
 
 
-class SynthesisError(ValueError):
+class SynthesisError(UserError, ValueError):
     """A synthesis request that cannot be carried out, with what to change."""
 
 
