@@ -18,11 +18,10 @@ from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.data import nih
 from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
-from cxrfactory.metrics.fdd import (
+from cxrfactory.metrics.fdd import PAPER_PROTOCOL, FDDConfig
+from cxrfactory.metrics.fdd_pipeline import (
     HALF_SALT,
-    PAPER_PROTOCOL,
     SAMPLE_SALT,
-    FDDConfig,
     FDDError,
     FeatureExtractor,
     artifact_files,

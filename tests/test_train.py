@@ -32,7 +32,7 @@ from cxrfactory.gan.artifact import load_generator_artifact
 from cxrfactory.config import Config
 from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.models import build_discriminators, build_generator
-from cxrfactory.report import plots
+from cxrfactory.gan import plots
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
 from cxrfactory.gan import checkpoint as ckpt
