@@ -41,9 +41,10 @@ from cxrfactory.gan.artifact import save_generator_artifact  # noqa: E402
 from cxrfactory.config import load_config  # noqa: E402
 from cxrfactory.models import build_generator, generate  # noqa: E402
 from cxrfactory.synthesis import (  # noqa: E402
-    ShardWriter, SynthesisConfig, peak_rss_mb, image_seeds, plan_classes, plan_work,
-    prepare_synthesis, run_synthesis,
+    ShardWriter, SynthesisConfig, image_seeds, plan_classes, plan_work, prepare_synthesis,
+    run_synthesis,
 )
+from cxrfactory.synthesis.pipeline import peak_rss_mb  # noqa: E402
 
 TOTAL_IMAGES = 20_000 * 9  # the product's headline run
 
