@@ -1,21 +1,26 @@
-"""The classifier run's typed config, its network sizes and its presets.
+"""The classifier run's typed config and its network sizes.
 
-A :class:`ClassifierConfig` is saved in every checkpoint and in the artifact; the presets
-(``full``, ``demo``, ``smoke``) are starting points that flags override field by field.
+A :class:`ClassifierConfig` is saved in every checkpoint and in the artifact; the presets in
+``cxrfactory/configs/classifier/`` (``full``, ``demo``, ``smoke``) are starting points that
+flags and ``--set field=value`` override field by field (:func:`load_classifier_preset`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cxrfactory import config as _config
 from cxrfactory.errors import UserError
 from cxrfactory.labels import validate_classes
 from cxrfactory.models.densenet import Preprocessing, XrayDenseNet, densenet121_xray
 
-#: Network sizes: DenseNet-121 itself, and smaller siblings for CPU demos and tests.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
+#: The preset kind (folder under cxrfactory/configs/) of classifier runs.
+KIND = "classifier"
+#: Network sizes ``ClassifierConfig.arch`` names: DenseNet-121 itself, and smaller siblings
+#: for CPU demos and tests.
+NETWORK_SIZES: dict[str, dict[str, Any]] = {
     "densenet121": {"growth_rate": 32, "block_config": (6, 12, 24, 16), "num_init_features": 64},
     "small": {"growth_rate": 16, "block_config": (3, 6, 9, 6), "num_init_features": 32},
     "tiny": {"growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16},
@@ -41,7 +46,7 @@ class ClassifierConfig:
     out: str  # local folder: classifier/ (the artifact), metrics.jsonl, runs/ (Ray Train's storage)
     classes: tuple[str, ...] | None = None  # classes to learn, vocabulary order; None: the real manifest's
     mode: str = "multiclass"  # multiclass: softmax CE on `label`; multilabel: per-class sigmoid BCE on `findings`
-    arch: str = "densenet121"  # a key of ARCHITECTURES
+    arch: str = "densenet121"  # a key of NETWORK_SIZES
     resolution: int = 256  # preprocessing side in px: the paper's image size, so 256-px shards are not resampled
     weights: str | None = None  # local state dict to start from (ours, or torchvision's ImageNet file); None: random init
     synthetic: tuple[str, ...] = ()  # synthetic shard roots mixed into training
@@ -70,8 +75,8 @@ class ClassifierConfig:
             object.__setattr__(self, "classes", validate_classes(self.classes))
         if self.mode not in MODES:
             raise ClassifierError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.arch not in ARCHITECTURES:
-            raise ClassifierError(f"arch must be one of {tuple(ARCHITECTURES)}, got {self.arch!r}")
+        if self.arch not in NETWORK_SIZES:
+            raise ClassifierError(f"arch must be one of {tuple(NETWORK_SIZES)}, got {self.arch!r}")
         for name in ("epochs", "batch_size", "num_workers", "resolution"):
             if getattr(self, name) < 1:
                 raise ClassifierError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,31 +104,20 @@ class ClassifierConfig:
         return Preprocessing(resolution=self.resolution)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        """Plain JSON-able dict (tuples become lists): what checkpoints and the artifact hold."""
+        return _config.to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ClassifierError(f"unknown classifier config key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassifierConfig:
+        """Strict inverse of :meth:`to_dict`: unknown keys and wrong types are ConfigErrors."""
+        return _config.from_dict(cls, data)
 
 
-#: Starting points for the job's --preset; flags override single fields.
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {},  # DenseNet-121 at 256 px: the FDD classifier for real data, on GPUs
-    # 64-px phantoms, one worker on a 2-core CPU. Balanced, 540 train images: 10 epochs in
-    # ~2.5 min, val accuracy 0.83 (9 classes). NIH prevalence, 3000 images, with
-    # --balance-per-class 200 (817 rows per epoch): val accuracy 0.99, macro AUROC 1.00
-    "demo": {"arch": "small", "resolution": 64, "epochs": 10, "batch_size": 32, "lr": 2e-3,
-             "class_weighted": True, "torch_threads": 2},
-    "smoke": {"arch": "tiny", "resolution": 32, "epochs": 1, "batch_size": 8,
-              "max_steps_per_epoch": 2},
-}
+def load_classifier_preset(name: str, **required: Any) -> ClassifierConfig:
+    """A preset of ``cxrfactory/configs/classifier/``; ``required``: ``real=..., out=...``."""
+    return _config.load_preset(ClassifierConfig, KIND, name, **required)
 
 
 def build_model(config: ClassifierConfig, num_classes: int) -> XrayDenseNet:
     return densenet121_xray(num_classes=num_classes, weights_path=config.weights,
-                            **ARCHITECTURES[config.arch])
+                            **NETWORK_SIZES[config.arch])
