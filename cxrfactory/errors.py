@@ -14,3 +14,33 @@ code that catches the builtin keeps working; the policy itself never looks at th
 
 class UserError(Exception):
     """Something the user can fix; the message says what is wrong and how to fix it."""
+
+
+def find_user_error(error: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``error``, looking through the wrappers an error raised in
+    a Ray worker arrives in; None when there is none (a bug or an outage).
+
+    Followed, breadth first: ``__cause__`` and ``__context__`` (Ray Data's
+    ``UserCodeException("UDF failed to process a data block")`` is raised ``from`` the task's
+    error), ``RayTaskError.cause``, Ray Train's ``worker_failures`` (rank -> exception) and
+    ``controller_failure``, and an exception group's members. Duck-typed: no Ray import.
+    """
+    seen: set[int] = set()
+    queue = [error]
+    while queue:
+        current = queue.pop(0)
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        wrapper = isinstance(cause, BaseException)  # RayTaskError: the worker's error is .cause
+        if isinstance(current, UserError) and not wrapper:
+            return current
+        queue.append(cause if wrapper else None)
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            queue.extend(failure for _, failure in sorted(failures.items()))
+        queue.append(getattr(current, "controller_failure", None))
+        queue.extend(getattr(current, "exceptions", None) or ())
+        queue.extend((current.__cause__, current.__context__))
+    return None

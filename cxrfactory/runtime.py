@@ -12,26 +12,22 @@ import argparse
 
 import logging
 import os
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 
-from cxrfactory.labels import UnknownClassError
-from cxrfactory.shards import ManifestError, OutputConflictError
-from cxrfactory.storage import StorageError
-
-#: Errors that mean "the user gave something wrong": reported in one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UnknownClassError, ManifestError, OutputConflictError, StorageError, FileNotFoundError,
-    ValueError,
-)
+from cxrfactory.errors import UserError, find_user_error
+from cxrfactory.named_sets import SetNameError, parse_named_uris
 
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` or start a local Ray; a no-op when already up."""
     import ray
 
+    # A Ray Data stage's own exception then reaches the driver as its ``RayTaskError.cause``:
+    # Ray's default wrapper (UserCodeException, "UDF failed to process a data block") crosses
+    # the process boundary without its ``__cause__``, and run_job could not find a user error.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
@@ -63,17 +59,27 @@ def quiet_train_reports() -> None:
 
 def run_job(main: Callable[[Sequence[str] | None], int | None],
             argv: Sequence[str] | None = None) -> None:
-    """Run a job's ``main`` and exit: 0 on success, 2 with ``error: ...`` for bad input."""
+    """Run a job's ``main`` and exit: 0 on success, 2 with one ``error: ...`` line for a
+    :class:`~cxrfactory.errors.UserError` (also one raised in a Ray worker and wrapped by Ray),
+    130 on Ctrl-C; anything else is a bug or an outage and keeps its traceback (status 1)."""
     try:
         code = main(argv)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to complete what is missing",
               file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise  # Python prints the traceback and exits with status 1
+        print(f"error: {one_line(user_error)}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+def one_line(error: UserError) -> str:
+    """A user error's message on one line (a message from a worker may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -85,34 +91,12 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", f"jobs/{os.path.basename(script)}", *args])
 
 
-#: A synthetic set's name on the command line (``--synthetic NAME=URI``): a plain word.
-SET_NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
-
-
-def parse_named_uris(items: Sequence[str], flag: str = "--synthetic",
-                     reserved: Sequence[str] = ("real",)) -> tuple[tuple[str, str], ...]:
-    """``["proposed=s3://b/x", ...]`` -> ``(("proposed", "s3://b/x"), ...)``; ValueError on a
-    malformed item, a reserved name or a name given twice."""
-    pairs = []
-    for item in items:
-        name, sep, uri = item.partition("=")
-        if not sep or not uri or not SET_NAME.match(name) or name in reserved:
-            others = f" other than {', '.join(map(repr, reserved))}" if reserved else ""
-            raise ValueError(f"{flag} {item!r}: expected NAME=URI with a plain NAME{others} "
-                             f"(letters, digits, . _ + -), e.g. {flag} proposed=synth/ms")
-        pairs.append((name, uri))
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{flag} names must be unique, got {names}")
-    return tuple(pairs)
-
-
 def named_uris_or_exit(parser: argparse.ArgumentParser, items: Sequence[str],
                        flag: str = "--synthetic") -> tuple[tuple[str, str], ...]:
-    """:func:`parse_named_uris` for a job's parser: a malformed item is ``parser.error``
-    (usage, the message, exit status 2) like any other bad flag."""
+    """:func:`~cxrfactory.named_sets.parse_named_uris` for a job's parser: a malformed item is
+    ``parser.error`` (usage, the message, exit status 2) like any other bad flag."""
     try:
         return parse_named_uris(items, flag)
-    except ValueError as error:
+    except SetNameError as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits

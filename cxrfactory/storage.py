@@ -3,7 +3,7 @@
 Every place the project reads or writes goes through :func:`resolve`, which returns a pyarrow
 filesystem and a path inside it, so the same code serves a laptop folder and an S3 bucket.
 
-Writes are atomic (DESIGN "Files appear whole or not at all"): locally a file is written under
+Writes are atomic (docs/architecture.md, "Files appear whole or not at all"): locally a file is written under
 a temporary name in the same folder and renamed; on S3 an object only becomes visible when its
 upload completes, so a stopped writer leaves nothing behind.
 
@@ -13,6 +13,7 @@ pyarrow ignores ``AWS_ENDPOINT_URL_S3`` in some versions, so we pass it explicit
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
@@ -170,7 +171,7 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, loc.path)
     except OSError as exc:
-        raise StorageError(f"cannot write {loc.uri}: {exc.strerror or exc}") from exc
+        raise StorageError(explain_write_error(exc, loc)) from exc
     finally:
         if os.path.exists(tmp):  # only after a failure: a successful rename consumed it
             os.unlink(tmp)
@@ -185,7 +186,21 @@ def check_writable(loc: Location) -> None:
     except StorageError:
         raise
     except OSError as exc:
-        raise StorageError(_explain_s3(exc, loc) if loc.is_s3 else f"cannot write {loc.uri}: {exc}")
+        raise StorageError(_explain_s3(exc, loc) if loc.is_s3 else explain_write_error(exc, loc))
+
+
+#: errno values that mean "the disk (or the user's quota) is full".
+DISK_FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
+
+
+def explain_write_error(exc: OSError, loc: Location) -> str:
+    """Why ``loc`` could not be written, in one line; for a full disk, also that what was
+    written before is intact and that running the same command again completes the output."""
+    if exc.errno in DISK_FULL:
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return (f"cannot write {loc.uri}: {what}. The files already written are intact; free "
+                "some space, then run the same command again: it keeps them and completes the set")
+    return f"cannot write {loc.uri}: {exc.strerror or exc}"
 
 
 def check_readable(loc: Location, what: str = "input") -> None:
