@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_model import model_cost  # noqa: E402
 
-from cxrfactory.config import Config, ConfigError, load_config, parse_overrides  # noqa: E402
+from cxrfactory.gan.config import Config, ConfigError, load_config, parse_overrides  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, count_parameters  # noqa: E402
 from cxrfactory.gan.step import GANTrainer  # noqa: E402
 

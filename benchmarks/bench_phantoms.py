@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.data import phantom as P  # noqa: E402
+from cxrfactory.images import encode_png  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         baseline.mkdir()
         with _Timer() as timer:
             for spec in specs:
-                image = P.encode_png(P.render(spec, args.resolution))
+                image = encode_png(P.render(spec, args.resolution))
                 (baseline / spec.image_id).write_bytes(image)
         rows.append(("single-process baseline: render + PNG + write", timer))
         for workers in args.workers:

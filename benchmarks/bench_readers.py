@@ -25,6 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory import shards  # noqa: E402
+from cxrfactory.images import encode_png  # noqa: E402
 from cxrfactory.labels import DEFAULT_CLASSES  # noqa: E402
 from cxrfactory.storage import resolve  # noqa: E402
 
@@ -41,7 +42,7 @@ def write_set(root: Path, rows: int, rows_per_file: int, side: int) -> shards.Ma
                 noise = rng.normal(128, 40, (side // 4, side // 4)).clip(0, 255).astype(np.uint8)
                 pixels = np.kron(noise, np.ones((4, 4), np.uint8))  # blocky, compresses like an X-ray
                 part.append({"image_id": f"syn-{label}-{n}", "label": label, "findings": [label],
-                             "image": {"bytes": shards.encode_png(pixels), "path": None},
+                             "image": {"bytes": encode_png(pixels), "path": None},
                              "split": shards.SYNTHETIC_SPLIT, "patient_id": None,
                              "source": "synthetic", "seed": int(n), "generator": "0" * 64,
                              "height": side, "width": side})

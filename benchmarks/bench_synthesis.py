@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cxrfactory.gan.artifact import save_generator_artifact  # noqa: E402
-from cxrfactory.config import load_config  # noqa: E402
+from cxrfactory.gan.artifact import GeneratorArtifact, save_generator_artifact  # noqa: E402
+from cxrfactory.gan.config import load_config  # noqa: E402
 from cxrfactory.models import build_generator, generate  # noqa: E402
 from cxrfactory.synthesis import (  # noqa: E402
     ShardWriter, SynthesisConfig, image_seeds, plan_classes, plan_work, prepare_synthesis,
@@ -89,8 +89,8 @@ def writer_in_process(net, sha: str, classes, per_class: int, args, out: Path,
     PNG size in bytes."""
     import pyarrow.parquet as pq
 
-    writer = ShardWriter(weights=net.state_dict(), config=load_config(args.preset).to_dict(),
-                         generator_sha256=sha, out=str(out), s3_endpoint=None, seed=0,
+    artifact = GeneratorArtifact(net, load_config(args.preset), sha, {})
+    writer = ShardWriter(artifact=artifact, out=str(out), s3_endpoint=None, seed=0,
                          resolution=net.resolutions[-1], batch_size=args.batch_size,
                          threads=args.threads, use_gpu=device == "cuda")
     items = plan_work(plan_classes(classes, load_config(args.preset).model.classes, per_class),
@@ -187,7 +187,7 @@ def encode_rates(images: np.ndarray, threads: int) -> tuple[float, float]:
     """PNG encodings/s of ``images`` on one thread and on a pool of ``threads`` (GIL-bound or not)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cxrfactory.shards import encode_png
+    from cxrfactory.images import encode_png
 
     started = time.perf_counter()
     for img in images:

@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.config import load_config  # noqa: E402
+from cxrfactory.gan.config import load_config  # noqa: E402
 from cxrfactory.labels import DEFAULT_CLASSES  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator  # noqa: E402
 from cxrfactory.gan.data import load_split_tensors  # noqa: E402

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.config import load_config, parse_overrides  # noqa: E402
+from cxrfactory.gan.config import load_config, parse_overrides  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, to_uint8  # noqa: E402
 from cxrfactory.classifier.artifact import load_classifier_artifact, read_classifier_config  # noqa: E402
 from cxrfactory.models.densenet import preprocess  # noqa: E402
-from cxrfactory.shards import decode_png, list_shards, read_manifest, read_shard  # noqa: E402
+from cxrfactory.images import decode_png  # noqa: E402
+from cxrfactory.shards import list_shards, read_manifest, read_shard  # noqa: E402
 from cxrfactory.storage import StorageError, check_readable, resolve  # noqa: E402
 from cxrfactory.gan.step import GANTrainer  # noqa: E402
 

@@ -30,13 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.config import Config  # noqa: E402
+from cxrfactory.gan.config import Config  # noqa: E402
 from cxrfactory.metrics.frechet import frechet_distance  # noqa: E402
 from cxrfactory.models import build_generator  # noqa: E402
 from cxrfactory.classifier.artifact import load_classifier_artifact  # noqa: E402
 from cxrfactory.models.densenet import preprocess  # noqa: E402
 from cxrfactory.models.sampling import generate, standing_statistics  # noqa: E402
-from cxrfactory.shards import decode_png, read_manifest, read_shard, select_files  # noqa: E402
+from cxrfactory.images import decode_png  # noqa: E402
+from cxrfactory.shards import read_manifest, read_shard, select_files  # noqa: E402
 from cxrfactory.storage import resolve  # noqa: E402
 from cxrfactory.gan.checkpoint import find_latest, read_checkpoint  # noqa: E402
 

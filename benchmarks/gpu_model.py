@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run from elsewhere
 
-from cxrfactory.config import Config, load_config  # noqa: E402
+from cxrfactory.gan.config import Config, load_config  # noqa: E402
 from cxrfactory.models import build_discriminators, build_generator, count_parameters  # noqa: E402
 from cxrfactory.gan.step import GANTrainer  # noqa: E402
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.config import GANConfig, ModelConfig  # noqa: E402
+from cxrfactory.gan.config import GANConfig, ModelConfig  # noqa: E402
 from cxrfactory.data.phantom import sample_specs  # noqa: E402
 from cxrfactory.data.phantom_measure import measure  # noqa: E402
 from cxrfactory.data.phantom_render import render  # noqa: E402

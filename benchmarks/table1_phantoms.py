@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     init_ray()
     results = {}
     for seed in args.seeds or [None]:
-        preset = FULL.gan_preset + ([] if seed is None else ["--seed", str(seed)])
+        preset = FULL.gan_preset + (() if seed is None else ("--seed", str(seed)))
         size = dataclasses.replace(FULL, gan_steps=args.steps, images=args.images, gan_preset=preset)
         results[seed] = run_seed(out if seed is None else out / f"seed-{seed}", size)
     print("seed  classes proposed lower  diseases  mean FDD proposed / cDCGAN  consistency proposed / cDCGAN")

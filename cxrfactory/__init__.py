@@ -1,8 +1,9 @@
 """cxrfactory: class-balanced synthetic chest X-rays from a multi-scale conditional GAN.
 
-Layering (see DESIGN): ``labels``, ``models``, ``training.losses``, ``training.gan``,
-``metrics.stats``, ``metrics.frechet`` and ``data.phantom`` import no Ray; Ray appears only in
-the pipeline modules and in ``jobs/``.
+Layers, contracts and which modules import no Ray: docs/architecture.md. One room per
+product: ``gan/``, ``classifier/``, ``synthesis/``, ``metrics/`` (FDD), ``report/``, beside the
+shared ``models/``, ``data/`` and the foundation modules; Ray appears only in the pipelines and
+in ``jobs/``.
 """
 
 __version__ = "0.1.0"

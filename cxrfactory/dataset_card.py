@@ -1,6 +1,6 @@
 """The dataset card: ``<root>/_README.md``, the first thing a person opens in a shard folder.
 
-Written by every shard writer just before the manifest (:func:`cxrfactory.shards.write_manifest`),
+Written by every shard writer just before the manifest (:func:`finish_set`),
 from the manifest alone: what the set is, classes and counts per split, where it came from
 (generator sha256 and training run, seeds, the command), the license note, and how to read it.
 
@@ -19,6 +19,7 @@ import yaml
 
 from cxrfactory import filenames
 from cxrfactory import shards
+from cxrfactory.storage import Location
 
 #: The split names Hugging Face ``datasets`` gives our split folders when it infers them
 #: itself (``val`` -> ``validation``; synthetic rows live in ``train/``). The card uses the
@@ -52,6 +53,12 @@ _WHAT = {
                   "cxrfactory generator; each row's `label` is the class it was asked for, and "
                   "its `seed` with the generator remakes the image bit for bit."),
 }
+
+
+def finish_set(root: Location, manifest: shards.Manifest) -> None:
+    """The dataset card, then the manifest: the manifest, written last, marks the set complete."""
+    root.join(filenames.CARD).write_text(render_card(manifest))
+    shards.write_manifest(root, manifest)
 
 
 def render_card(manifest: shards.Manifest) -> str:
@@ -158,7 +165,7 @@ polars.scan_parquet(f"{{ROOT}}/**/*.parquet").collect()
 duckdb.sql(f"SELECT label, count(*) FROM read_parquet('{{ROOT}}/**/*.parquet') GROUP BY label")
 datasets.load_dataset("parquet", data_dir=ROOT)   # splits {", ".join(sorted(set(HF_SPLITS.get(s, s) for s in manifest.counts)))}
 ray.data.read_parquet(ROOT)
-cxrfactory.shards.ShardDataset(ROOT)              # a PyTorch map-style dataset
+cxrfactory.shard_dataset.ShardDataset(ROOT)         # a PyTorch map-style dataset
 ```
 """
 

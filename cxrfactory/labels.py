@@ -1,4 +1,4 @@
-"""Class vocabulary, NIH label mapping, one-hot and multi-hot encodings.
+"""Class vocabulary, NIH label mapping and multi-hot targets.
 
 The vocabulary's order is the contract: a class's index is its position, the generator's
 condition vector uses it, and it travels inside every checkpoint and artifact.
@@ -59,8 +59,8 @@ def validate_classes(
 ) -> tuple[str, ...]:
     """Return ``classes`` in vocabulary order, or the whole vocabulary when None.
 
-    Raises :class:`UnknownClassError` listing the vocabulary for a name outside it, and
-    ``ValueError`` for an empty or repeated selection.
+    Raises :class:`UnknownClassError` listing the vocabulary for a name outside it, and for an
+    empty or repeated selection.
     """
     if classes is None:
         return tuple(vocabulary)
@@ -72,9 +72,9 @@ def validate_classes(
             f"choose from: {', '.join(vocabulary)}"
         )
     if not chosen:
-        raise ValueError(f"no class selected; choose from: {', '.join(vocabulary)}")
+        raise UnknownClassError(f"no class selected; choose from: {', '.join(vocabulary)}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"a class is named twice in {chosen}")
+        raise UnknownClassError(f"a class is named twice in {chosen}")
     return tuple(name for name in vocabulary if name in chosen)
 
 
@@ -86,18 +86,6 @@ def class_index(name: str, classes: Sequence[str] = DEFAULT_CLASSES) -> int:
         raise UnknownClassError(
             f"unknown class {name!r}; choose from: {', '.join(classes)}"
         ) from None
-
-
-def one_hot(indices: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
-    """Integer class indices ``(N,)`` -> float32 one-hot ``(N, num_classes)``."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.ndim != 1:
-        raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
-    if idx.size and (idx.min() < 0 or idx.max() >= num_classes):
-        raise ValueError(f"class index out of range [0, {num_classes}): {idx.tolist()}")
-    out = np.zeros((idx.size, num_classes), dtype=np.float32)
-    out[np.arange(idx.size), idx] = 1.0
-    return out
 
 
 def multi_hot(

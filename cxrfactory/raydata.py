@@ -21,6 +21,26 @@ from cxrfactory import shards
 from cxrfactory.storage import Location, check_readable, resolve
 
 
+def train_worker_resources(*, num_workers: int, use_gpu: bool,
+                           cpus_per_worker: float | None = None,
+                           cluster_cpus: float | None = None) -> dict[str, float]:
+    """Ray resources of one Ray Train worker that reads a Ray Data stream.
+
+    A worker's CPUs come out of Ray Data's budget, so on a CPU cluster the workers take at
+    most ``cluster CPUs - 1`` together (a quarter CPU each at the least) and Ray Data keeps
+    one CPU for reading and decoding; with GPUs each worker takes 1 CPU and 1 GPU.
+    ``cpus_per_worker`` overrides the CPUs; ``cluster_cpus`` defaults to the running cluster's.
+    """
+    if cpus_per_worker is not None:
+        cpus = cpus_per_worker
+    elif use_gpu:
+        cpus = 1.0
+    else:
+        total = ray.cluster_resources().get("CPU", 1.0) if cluster_cpus is None else cluster_cpus
+        cpus = min(1.0, max(total - 1.0, 0.25) / num_workers)
+    return {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+
+
 @contextmanager
 def quiet_datasets() -> Iterator[None]:
     """Datasets created inside draw no progress bars and log no execution plans.
@@ -60,12 +80,12 @@ def read_shards(
     if classes is not None:
         unknown = [c for c in classes if c not in manifest.classes]
         if unknown:
-            raise ValueError(f"{uri} has no class {unknown}; it holds {', '.join(manifest.classes)}")
+            raise shards.ManifestError(f"{uri} has no class {unknown}; it holds {', '.join(manifest.classes)}")
     if split is not None and split not in manifest.counts:
-        raise ValueError(f"{uri} has no split {split!r}; it holds {', '.join(manifest.counts)}")
+        raise shards.ManifestError(f"{uri} has no split {split!r}; it holds {', '.join(manifest.counts)}")
     paths = shard_uris(root, manifest, classes, split)
     if not paths:
-        raise ValueError(f"{uri} lists no shard for classes {classes}")
+        raise shards.ManifestError(f"{uri} lists no shard for classes {classes}")
     # Ray 2.60's V2 Parquet datasource lists files in a ListFiles task whose reused worker
     # fails with "cannot import name 'HTTPFileSystem'" when aiohttp is absent (the second
     # read of a session); the V1 reader takes our explicit file list as given, and is faster.

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pyarrow.compute as pc
 
+from cxrfactory.dataset_card import finish_set
 from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.storage import Location, check_readable, check_writable, resolve
@@ -52,7 +53,7 @@ def migrate(uri: str, *, s3_endpoint: str | None = None,
         shards.read_manifest(root, note=False)
         _check_files(root, legacy)
         manifest = _rewrite(root, legacy, log)
-        shards.write_manifest(root, manifest)
+        finish_set(root, manifest)
         shards.read_manifest(root)  # verified before anything old goes
     kept = set(manifest.files)
     old = [f for f in legacy.files if f not in kept]

@@ -19,7 +19,8 @@ uses the rows for (:data:`SPLIT_FOLDERS`): Hugging Face ``datasets`` infers its 
 ``train``, ``validation``, ``test`` from them and reads only what is below them; a folder
 without such a name would make it read every file of the root, sidecars included, as data.
 
-The ``image`` column is a struct ``{bytes, path}`` holding grayscale PNG bytes: the layout of a
+The ``image`` column is a struct ``{bytes, path}`` holding grayscale PNG bytes
+(:mod:`cxrfactory.images` encodes and decodes them): the layout of a
 Hugging Face ``datasets.Image`` feature, and the files say so in their schema metadata, so
 ``datasets`` decodes it to a PIL image without a cast.
 
@@ -29,24 +30,21 @@ This module imports no Ray; the Ray Data readers live in :mod:`cxrfactory.raydat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from cxrfactory.errors import UserError
 from cxrfactory import filenames
-from cxrfactory.labels import DEFAULT_CLASSES, UnknownClassError, multi_hot
-from cxrfactory.storage import Location, StorageError, check_readable, resolve
+from cxrfactory.storage import Location, StorageError
 
 FORMAT_VERSION = 2  # 1: label=<Class>/ folders and manifest.json (migrate with jobs/migrate_shards.py)
 READABLE_FORMATS = (1, 2)
@@ -105,46 +103,11 @@ class ManifestError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# PNG codec
-
-
-def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 ``(H, W)`` grayscale -> PNG bytes.
-
-    Level 1 is ~5x faster than PIL's default for ~10% larger files: shards are written far
-    more often than they are archived.
-    """
-    if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"expected a uint8 (H, W) image, got {image.dtype} {image.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 ``(H, W)``; colour or 16-bit inputs are converted to 8-bit gray."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(to_grayscale(img))
-
-
-def to_grayscale(img: Image.Image) -> Image.Image:
-    """Any PIL mode NIH ships (L, RGBA, I;16) -> 8-bit ``L``."""
-    if img.mode == "L":
-        return img
-    if img.mode in ("I;16", "I;16B", "I", "I;16L"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
-    return img.convert("L")
-
-
-# ---------------------------------------------------------------------------------------------
 # Tables
 
 
 def make_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows of DESIGN's schema (``image`` as ``{"bytes", "path"}``) -> a table with SCHEMA."""
+    """Rows of :data:`SCHEMA` (``image`` as ``{"bytes", "path"}``) -> a table with SCHEMA."""
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
@@ -281,11 +244,46 @@ class Manifest:
 
 
 def write_manifest(root: Location, manifest: Manifest) -> None:
-    """The dataset card, then the manifest: the manifest is the folder's mark of completion."""
-    from cxrfactory.dataset_card import render_card  # the card formats; it needs no I/O here
-
-    root.join(filenames.CARD).write_text(render_card(manifest))
+    """Write ``_manifest.json``, the folder's mark of completion. Writers finish a set with
+    :func:`cxrfactory.dataset_card.finish_set`, which writes the dataset card first."""
     root.join(filenames.MANIFEST).write_text(manifest.to_json())
+
+
+def manifest_from_shards(root: Location, files: Sequence[tuple[str, str]], *, source: str,
+                         classes: Sequence[str], config: Any = None,
+                         extra: Mapping[str, Any] | None = None, skipped: Sequence[dict] = (),
+                         splits: Sequence[str] = (),
+                         expected_rows: Mapping[str, int] | None = None) -> Manifest:
+    """The manifest of a writer's finished folder, counted from the shards' footers, so a
+    resumed run states exactly what exists.
+
+    ``files``: ``(relative path, split)`` of every shard, in the order the manifest lists them;
+    a shard's class is its folder's. Rows count towards their split and class; the footers'
+    skipped inputs join ``skipped``. A split is listed once a file of it holds a row, and the
+    ``splits`` given always are. ``config``: the job's config (a dataclass or a dict), stored
+    with tuples as lists. ``expected_rows`` (path -> rows): a file holding another number was
+    not written by this plan. A file that is missing is a :class:`ManifestError`.
+    """
+    counts: dict[str, dict[str, int]] = {s: {c: 0 for c in classes} for s in splits}
+    found = list(skipped)
+    for rel, split in files:
+        loc = root.join(rel)
+        if not loc.exists():
+            raise ManifestError(f"{loc.uri} was not written; run the same command again")
+        rows, file_skipped = shard_footer(loc)
+        if expected_rows is not None and rows != expected_rows[rel]:
+            raise ManifestError(f"{loc.uri} holds {rows} rows where the plan has "
+                                f"{expected_rows[rel]}; it was not written by this run "
+                                "(pass --overwrite to start over)")
+        if rows or split in counts:
+            per_class = counts.setdefault(split, {c: 0 for c in classes})
+            per_class[shard_class(rel)] += rows
+        found.extend(file_skipped)
+    plain = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    return Manifest(source=source, classes=list(classes), counts=counts,
+                    files=[rel for rel, _ in files], skipped=found,
+                    config={k: (list(v) if isinstance(v, tuple) else v) for k, v in plain.items()},
+                    extra=dict(extra or {}))
 
 
 def manifest_location(root: Location, *, note: bool = True) -> Location:
@@ -429,107 +427,3 @@ def _describe_difference(old: dict, new: dict) -> str:
     shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3]
              if len(repr(old.get(k))) < 80 and len(repr(new.get(k))) < 80]
     return "; ".join(shown) or f"differs in {', '.join(keys[:5]) or 'its plan'}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading shards from plain PyTorch
-
-
-class ShardDataset:
-    """Map-style PyTorch dataset over a shard folder: ``dataset[i] -> (image, target)``.
-
-    ``image`` is ``transform(uint8 (H, W))``, by default a float32 ``(1, H, W)`` tensor in
-    [0, 1]; ``target`` is the class index in ``classes`` (``target="class"``) or a float32
-    multi-hot over ``classes`` from the row's findings (``target="multi_hot"``).
-
-    ``classes`` is the target vocabulary, in order (default: the manifest's); rows of other
-    classes are left out. Give two folders the same ``classes`` to concatenate them
-    (``torch.utils.data.ConcatDataset``), e.g. real ``split="train"`` plus synthetic rows.
-
-    The small columns of every listed shard are read upfront (the image column is not); PNG
-    bytes are read one file at a time when first needed and kept for the ``cache_files`` most
-    recent files (None: all, i.e. the folder's compressed size in memory, for shuffled
-    epochs). Decoding happens per item, in the DataLoader's workers.
-
-    Any object with ``__len__`` and ``__getitem__`` is a map-style dataset to
-    ``torch.utils.data.DataLoader``; this class does not subclass ``torch.utils.data.Dataset``
-    only so that this module imports without torch.
-    """
-
-    TARGETS = ("class", "multi_hot")
-
-    def __init__(self, uri: str, *, split: str | None = None,
-                 classes: Sequence[str] | None = None, target: str = "class",
-                 transform: Callable[[np.ndarray], Any] | None = None,
-                 s3_endpoint: str | None = None, cache_files: int | None = None) -> None:
-        if target not in self.TARGETS:
-            raise ValueError(f"target must be one of {self.TARGETS}, got {target!r}")
-        if cache_files is not None and cache_files < 1:
-            raise ValueError(f"cache_files must be >= 1 or None, got {cache_files}")
-        self.root = resolve(uri, s3_endpoint)
-        check_readable(self.root, "shard folder")
-        self.manifest = read_manifest(self.root)
-        if split is not None and split not in self.manifest.counts:
-            raise ValueError(f"{uri} has no split {split!r}; it holds {', '.join(self.manifest.counts)}")
-        self.classes = list(classes) if classes is not None else list(self.manifest.classes)
-        known = set(self.manifest.classes) | set(DEFAULT_CLASSES)
-        unknown = [c for c in self.classes if c not in known]
-        if unknown or len(set(self.classes)) != len(self.classes):
-            raise UnknownClassError(f"classes {self.classes} repeat a name or name one neither "
-                                    f"{uri} nor the default vocabulary knows ({unknown})")
-        self.target, self.transform, self.cache_files = target, transform, cache_files
-
-        position = {c: i for i, c in enumerate(self.classes)}
-        self.files = sorted(select_files(self.manifest, position, split))
-        file_idx, row_idx, labels, findings, image_ids = [], [], [], [], []
-        for k, rel in enumerate(self.files):
-            table = read_shard(self.root.join(rel), columns=["image_id", "label", "findings", "split"])
-            keep = np.ones(table.num_rows, dtype=bool)
-            if split is not None:
-                keep &= np.asarray(table.column("split").to_pylist()) == split
-            table_labels = table.column("label").to_pylist()
-            keep &= np.array([lab in position for lab in table_labels], dtype=bool)
-            rows = np.flatnonzero(keep)
-            file_idx.append(np.full(len(rows), k, dtype=np.int64))
-            row_idx.append(rows)
-            all_findings = table.column("findings").to_pylist()
-            all_ids = table.column("image_id").to_pylist()
-            for r in rows:
-                labels.append(position[table_labels[r]])
-                findings.append(all_findings[r])
-                image_ids.append(all_ids[r])
-        self._file = np.concatenate(file_idx) if file_idx else np.zeros(0, dtype=np.int64)
-        self._row = np.concatenate(row_idx) if row_idx else np.zeros(0, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)  # (N,) class index per item
-        self.findings: list[list[str]] = findings
-        self.image_ids: list[str] = image_ids
-        self._images: dict[int, pa.Array] = {}  # file index -> its PNG bytes column (LRU order)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        import torch
-
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        index = int(index) % len(self)
-        pixels = decode_png(self._png_bytes(int(self._file[index]), int(self._row[index])))
-        if self.transform is not None:
-            image = self.transform(pixels)
-        else:
-            image = torch.from_numpy(pixels.copy()).unsqueeze(0).float().div_(255.0)  # (1, H, W)
-        if self.target == "class":
-            return image, int(self.labels[index])
-        return image, torch.from_numpy(multi_hot([self.findings[index]], self.classes)[0])
-
-    def _png_bytes(self, file_index: int, row: int) -> bytes:
-        column = self._images.pop(file_index, None)
-        if column is None:
-            table = read_shard(self.root.join(self.files[file_index]), columns=["image"])
-            column = table.column("image").combine_chunks().field("bytes")
-            if self.cache_files is not None:
-                while len(self._images) >= self.cache_files:
-                    self._images.pop(next(iter(self._images)))  # least recently used
-        self._images[file_index] = column  # (re)insert as most recently used
-        return column[row].as_py()

@@ -1,13 +1,16 @@
 """The whole factory on phantom chest X-rays, on an embedded local Ray: `make demo`.
 
-    python jobs/demo.py --out demo_output [--quick]
+    python jobs/demo.py --out demo_output [--quick | --preset full|quick | --config FILE]
+        [--set field=value ...]
 
 phantoms -> ingest -> GAN training (the proposed model and the cDCGAN baseline) -> synthesis
 (an evaluation set per model, a class-balanced set) -> DenseNet classifier -> FDD ->
 downstream utility -> report. Each stage is one of
 the project's jobs, run with the arguments printed before it, so every step can be rerun by
 hand. Rerunning the demo resumes: finished stages find their outputs complete and skip ahead.
-`--quick` shrinks every stage (the smoke variant the test suite runs, about two minutes).
+`--quick` shrinks every stage (the smoke variant the test suite runs, about two minutes). The
+sizes are a DemoSize, from cxrfactory/configs/demo/ (full, quick) or --config FILE, then --set
+(e.g. --set gan_steps=300).
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cxrfactory.config import ConfigError, add_config_arguments, config_from_args, load_preset  # noqa: E402
 from cxrfactory.runtime import init_ray, run_job  # noqa: E402
+
+#: The preset kind (folder under cxrfactory/configs/) of demo sizes.
+KIND = "demo"
 
 
 @dataclass(frozen=True)
@@ -34,19 +41,23 @@ class DemoSize:
     min_per_class: int  # ... with at least this many of every class
     resolution: int  # px of phantoms, shards and the generator's top branch
     gan_steps: int  # generator training steps (global batches), the same budget for both models
-    gan_preset: list[str]  # extra train.py flags
+    gan_preset: tuple[str, ...]  # extra train.py flags
     target_per_class: int  # real + synthetic rows per class after balancing (downstream utility)
-    classifier: list[str]  # train_classifier.py flags
+    classifier: tuple[str, ...]  # train_classifier.py flags (also the utility stage's)
     eval_per_class: int  # synthetic images per class of each evaluation set (FDD, Table 2)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gan_preset", tuple(self.gan_preset))
+        object.__setattr__(self, "classifier", tuple(self.classifier))
+        for name in ("images", "min_per_class", "resolution", "gan_steps", "target_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_per_class < 2:  # FDD needs a covariance per class
+            raise ConfigError(f"eval_per_class must be >= 2, got {self.eval_per_class}")
 
-FULL = DemoSize(images=3000, min_per_class=80, resolution=64, gan_steps=1500,
-                gan_preset=["--preset", "demo", "--epochs", "100", "--torch-threads", "2"], target_per_class=300,
-                classifier=["--preset", "demo", "--balance-per-class", "200"], eval_per_class=200)
-QUICK = DemoSize(images=240, min_per_class=14, resolution=32, gan_steps=6,
-                 gan_preset=["--preset", "demo", "--set", "model.base_resolution=8",
-                             "--set", "model.num_branches=3", "--batch-size", "8"],
-                 target_per_class=30, classifier=["--preset", "smoke"], eval_per_class=8)
+
+FULL = load_preset(DemoSize, KIND, "full")
+QUICK = load_preset(DemoSize, KIND, "quick")
 
 
 class Stage(NamedTuple):
@@ -105,17 +116,26 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
     ]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="folder for everything the demo makes")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: the whole chain in ~2 minutes")
-    return p.parse_args(argv)
+    add_config_arguments(p, KIND, default="full")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the quick preset): the whole chain in ~2 minutes")
+    return p
+
+
+def resolve_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DemoSize:
+    """The preset (--quick: quick, else full) or --config FILE, then --set."""
+    if args.quick and (args.config or args.preset not in (None, "quick")):
+        parser.error("--quick is the quick preset; drop --preset / --config")
+    return config_from_args(parser, args, DemoSize, kind=KIND, default="quick" if args.quick else "full")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    size = resolve_size(args, parser)
     out = Path(args.out).absolute()
-    size = QUICK if args.quick else FULL
     init_ray()
     started = time.time()
     steps = stages(out, size)

@@ -4,7 +4,7 @@
         --classifier PATH --out DIR [--split test] [--classes CLASS ...]
         [--max-per-class N | --paper-protocol] [--real-stats FILE] [--cache-dir DIR]
         [--workers W] [--use-gpu | --no-use-gpu] [--batch-rows R] [--inference-batch B]
-        [--s3-endpoint URL] [--smoke]
+        [--s3-endpoint URL] [--smoke] [--config FILE] [--set field=value ...]
 
 Writes <out>/fdd.json, fdd.csv and fdd.md: FDD per class (lower is better) for every synthetic
 set, a real-vs-real floor (two patient-disjoint halves of the real split), the images per
@@ -15,7 +15,8 @@ made by another classifier is refused. --paper-protocol draws the paper's per-cl
 (Atelectasis 1000, ..., Pneumothorax 539) from every side, or the real split's count where it
 holds fewer (with a warning naming those classes), so both sides of a distance are equal in
 size; a synthetic set holding fewer is refused before any work. --classifier is the folder
-jobs/train_classifier.py writes (<out>/classifier).
+jobs/train_classifier.py writes (<out>/classifier). --config FILE (YAML/JSON) gives any FDDConfig
+field; the flags override it and --set field=value overrides both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.metrics.fdd import FDDConfig, run_fdd  # noqa: E402
+from cxrfactory.config import add_config_arguments, config_from_args  # noqa: E402
+from cxrfactory.metrics.fdd import FDDConfig, prepare_fdd, run_fdd  # noqa: E402
 from cxrfactory.metrics.fdd_tables import format_markdown  # noqa: E402
 from cxrfactory.runtime import init_ray, named_uris_or_exit, run_job  # noqa: E402
 
@@ -35,19 +37,21 @@ SMOKE_PER_CLASS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Flags without a given value stay None, so a --config file's value is not overridden by a
+    # flag's default; the defaults named in the help are FDDConfig's.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="real shard folder or s3:// URI")
     p.add_argument("--synthetic", action="append", required=True, metavar="NAME=URI",
                    help="a synthetic shard set and its row name in the table (repeatable)")
-    p.add_argument("--classifier", required=True, help="classifier artifact folder")
+    p.add_argument("--classifier", required=True, help="classifier artifact folder or s3:// URI")
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
-    p.add_argument("--split", default="test", help="real split to compare against (default test)")
+    p.add_argument("--split", default=None, help="real split to compare against (default test)")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="classes to measure (default: every class all sets hold)")
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--max-per-class", type=int, default=None, metavar="N",
                           help="at most N images per class and set (a fixed, hashed choice)")
-    sampling.add_argument("--paper-protocol", action="store_true",
+    sampling.add_argument("--paper-protocol", action="store_true", default=None,
                           help="the paper's per-class counts, capped by what exists")
     sampling.add_argument("--smoke", action="store_true",
                           help=f"{SMOKE_PER_CLASS} images per class: checks the pipeline quickly")
@@ -57,33 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="feature actors (default: one per GPU, else 1)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="GPU actors (default: when the cluster has GPUs)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor")
-    p.add_argument("--batch-rows", type=int, default=512, help="rows per actor call (one partial statistic each)")
-    p.add_argument("--inference-batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="Ray CPUs (and torch threads) per actor (default 1)")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per actor call (one partial statistic each; default 512)")
+    p.add_argument("--inference-batch", type=int, default=None, help="images per forward pass (default 64)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else CXRF_S3_ENDPOINT / AWS)")
+    add_config_arguments(p)
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> FDDConfig:
+    """--config FILE, then the flags given (--smoke: SMOKE_PER_CLASS per class), then --set."""
     for flag in ("max_per_class", "workers", "batch_rows", "inference_batch"):
         value = getattr(args, flag)
         if value is not None and value < (2 if flag == "max_per_class" else 1):
             parser.error(f"--{flag.replace('_', '-')} is too small: {value}")
-    if not Path(args.classifier).is_dir():
-        parser.error(f"--classifier {args.classifier} is not a folder (expected the classifier "
-                     "artifact jobs/train_classifier.py writes)")
-    config = FDDConfig(
-        real=args.real, synthetic=named_uris_or_exit(parser, args.synthetic), classifier=args.classifier,
-        out=args.out, split=args.split, classes=tuple(args.classes) if args.classes else None,
-        max_per_class=SMOKE_PER_CLASS if args.smoke else args.max_per_class,
-        paper_protocol=args.paper_protocol, real_stats=args.real_stats, cache_dir=args.cache_dir,
-        batch_rows=args.batch_rows, inference_batch=args.inference_batch, workers=args.workers,
-        use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint,
-    )
+    flags = {name: getattr(args, name) for name in (
+        "real", "classifier", "out", "split", "classes", "paper_protocol", "real_stats", "cache_dir",
+        "batch_rows", "inference_batch", "workers", "use_gpu", "cpus_per_worker", "s3_endpoint")}
+    flags["synthetic"] = [list(pair) for pair in named_uris_or_exit(parser, args.synthetic)]
+    flags["max_per_class"] = SMOKE_PER_CLASS if args.smoke else args.max_per_class
+    return config_from_args(parser, args, FDDConfig, flags=flags)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    config = resolve_config(parser.parse_args(argv), parser)
+    inputs = prepare_fdd(config)  # the classifier and the manifests, before Ray starts
     init_ray()
-    print(format_markdown(run_fdd(config)))
+    print(format_markdown(run_fdd(config, inputs=inputs)))
     return 0
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.runtime import USER_ERRORS, run_job  # noqa: E402
+from cxrfactory.errors import UserError  # noqa: E402
+from cxrfactory.runtime import run_job  # noqa: E402
 from cxrfactory.shard_migration import migrate  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     for root in args.roots:
         try:
             migrate(root, s3_endpoint=args.s3_endpoint)
-        except USER_ERRORS as error:
+        except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             failed.append(root)
     if failed:

@@ -4,10 +4,12 @@
         [--classes Normal Effusion ...] [--balance-against REAL_URI [--split train]] [--seed S]
         [--batch-size B] [--rows-per-file R] [--resolution PX] [--workers W]
         [--gpus-per-worker G] [--cpus-per-worker C] [--s3-endpoint URL] [--overwrite]
+        [--config FILE] [--set field=value ...]
 
 Every selected class ends with exactly N synthetic rows; with --balance-against, N minus its
 real count in that split (never below 0), so real + synthetic = N per class. Run the same
-command again after a stop: only the missing files are made.
+command again after a stop: only the missing files are made. --config FILE (YAML/JSON) gives any
+SynthesisConfig field; the flags override it and --set field=value overrides both.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cxrfactory.config import add_config_arguments, config_from_args  # noqa: E402
 from cxrfactory.runtime import command_line, init_ray, run_job  # noqa: E402
 from cxrfactory.synthesis import SynthesisConfig, prepare_synthesis, run_synthesis  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    # Flags without a given value stay None, so a --config file's value is not overridden by a
+    # flag's default; the defaults named in the help are SynthesisConfig's.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", required=True, help="generator artifact folder (path or s3:// URI)")
     p.add_argument("--target-per-class", type=int, required=True, metavar="N",
@@ -33,38 +38,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance-against", default=None, metavar="REAL_URI",
                    help="real shard folder: make N minus its count per class")
     p.add_argument("--split", default=None, help="split of --balance-against to count (default train)")
-    p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per shard (default 1000)")
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
                    help="output side in px (default: the generator's)")
-    p.add_argument("--workers", type=int, default=1, help="generator actors (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+    p.add_argument("--workers", type=int, default=None, help="generator actors (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per actor when the cluster has GPUs (default 0: CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
                    help="CPUs per actor, its torch and PNG threads (default: the cluster's CPUs "
                         "shared by the workers; at most 8 for GPU workers)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
-    p.add_argument("--overwrite", action="store_true", help="replace what the output holds")
-    args = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace what the output holds")
+    add_config_arguments(p)
+    return p
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                   command: str | None = None) -> SynthesisConfig:
+    """--config FILE, then the flags given, then --set."""
     if args.target_per_class <= 0:
-        p.error(f"--target-per-class must be positive, got {args.target_per_class}")
+        parser.error(f"--target-per-class must be positive, got {args.target_per_class}")
     if args.split is not None and args.balance_against is None:
-        p.error("--split only applies with --balance-against")
-    return args
+        parser.error("--split only applies with --balance-against")
+    names = ("generator", "out", "target_per_class", "classes", "balance_against", "split", "seed",
+             "batch_size", "rows_per_file", "resolution", "workers", "gpus_per_worker",
+             "cpus_per_worker", "s3_endpoint", "overwrite")
+    flags = {name: getattr(args, name) for name in names}
+    return config_from_args(parser, args, SynthesisConfig, flags={**flags, "command": command})
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = SynthesisConfig(
-        generator=args.generator, out=args.out, target_per_class=args.target_per_class,
-        classes=tuple(args.classes) if args.classes else None,
-        balance_against=args.balance_against, split=args.split or "train", seed=args.seed,
-        batch_size=args.batch_size, rows_per_file=args.rows_per_file, resolution=args.resolution,
-        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
-        command=command_line(__file__, argv),
-    )
+    parser = build_parser()
+    config = resolve_config(parser.parse_args(argv), parser, command_line(__file__, argv))
     run = prepare_synthesis(config)  # every check on the input, before Ray starts
     if run.todo:
         init_ray()

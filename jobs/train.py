@@ -1,14 +1,15 @@
 """Train the multi-scale conditional GAN on real shards with Ray Train.
 
     python jobs/train.py --data shards/real --run-name paper-1 [--storage runs|s3://bucket/runs]
-        [--preset paper|demo | --config FILE] [--model stackgan|cdcgan] [--num-workers N]
+        [--preset paper|demo|smoke | --config FILE] [--model stackgan|cdcgan] [--num-workers N]
         [--use-gpu | --no-use-gpu] [--epochs E] [--max-steps S] [--batch-size B]
         [--class-balanced | --no-class-balanced] [--checkpoint-every K] [--log-every K]
         [--seed S] [--set section.field=value ...] [--s3-endpoint URL] [--smoke]
 
 On a laptop it starts a local Ray; under `ray job submit -- python jobs/train.py ...` it joins
-the cluster. Flags override the preset (default: paper); the resolved config is printed and
-saved as <storage>/<run-name>/config.json. Running the same command again resumes the run from
+the cluster. The config is resolved in one order: the preset (cxrfactory/configs/gan/, default
+paper) or --config FILE, then --smoke's overlay (configs/gan/smoke.yaml), then the flags, then
+--set; it is printed and saved as <storage>/<run-name>/config.json. Running the same command again resumes the run from
 its last checkpoint; a checkpoint of another model config is refused.
 
 --batch-size is the global batch (all workers together). --checkpoint-every and --log-every
@@ -30,16 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from cxrfactory.config import ARCHITECTURES, available_presets, load_config, parse_overrides  # noqa: E402
+from cxrfactory.config import add_config_arguments, config_from_args, preset_data  # noqa: E402
+from cxrfactory.gan.config import GAN_ARCHITECTURES, KIND, Config  # noqa: E402
 from cxrfactory.runtime import run_job  # noqa: E402
 from cxrfactory.gan.loop import RunOptions, TrainingError, prepare_run, train  # noqa: E402
 
 FAULT_ENV = "CXRF_FAULT_AT_STEP"
-
-#: --smoke: a tiny model and two steps, so a whole run takes seconds on a CPU.
-SMOKE = {"model.ngf": 16, "model.ndf": 8, "model.base_resolution": 8, "model.num_branches": 2,
-         "model.z_dim": 16, "model.num_residual": 1, "train.max_steps": 2, "train.batch_size": 8,
-         "train.use_gpu": False}
+#: The preset a run starts from without --preset or --config.
+DEFAULT_PRESET = "paper"
+#: --smoke: this partial preset (a tiny model, two steps) on top of the chosen one.
+SMOKE_OVERLAY = "smoke"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="real shard folder or s3://bucket/prefix (ingest_nih output)")
     p.add_argument("--run-name", required=True, help="run folder name below --storage; the same name resumes")
     p.add_argument("--storage", default="runs", help="folder or s3:// URI holding the runs (default ./runs)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help=f"config preset: {', '.join(available_presets())} (default paper)")
-    src.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON config file")
-    p.add_argument("--model", choices=ARCHITECTURES, default=None, help="architecture (model.arch)")
+    add_config_arguments(p, KIND, default=DEFAULT_PRESET)
+    p.add_argument("--model", choices=GAN_ARCHITECTURES, default=None, help="architecture (model.arch)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (data-parallel)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per worker")
     p.add_argument("--epochs", type=int, default=None, help="passes over the real train split")
@@ -61,33 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="checkpoint every K steps")
     p.add_argument("--log-every", type=int, default=None, metavar="K", help="log a metrics line every K steps")
     p.add_argument("--seed", type=int, default=None, help="seeds weights, noise and data order")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="any config field, e.g. --set gan.lr_g=1e-4 (repeatable)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else CXRF_S3_ENDPOINT / AWS)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints to keep (default 3)")
     p.add_argument("--samples-per-class", type=int, default=4, help="samples per class in each grid (default 4)")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="Ray CPUs per worker (default: auto)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker (default: Ray's)")
-    p.add_argument("--smoke", action="store_true", help="a tiny model for 2 steps (checks the setup)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny model for 2 steps on top of the preset (checks the setup)")
     return p
 
 
-def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     """Preset or file, then --smoke, then the flags, then --set; step flags become images."""
     for flag in ("num_workers", "epochs", "max_steps", "batch_size", "checkpoint_every", "log_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    config = load_config(args.config or args.preset or "paper")
-    overrides = dict(SMOKE) if args.smoke else {}
     flags = {"model.arch": args.model, "train.num_workers": args.num_workers, "train.use_gpu": args.use_gpu,
              "train.epochs": args.epochs, "train.max_steps": args.max_steps,
              "train.batch_size": args.batch_size, "train.class_balanced": args.class_balanced,
              "train.seed": args.seed}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(parse_overrides(args.set))
-    config = config.with_overrides(overrides)
+    overlays = [preset_data(KIND, SMOKE_OVERLAY)] if args.smoke else []
+    config = config_from_args(parser, args, Config, kind=KIND, default=DEFAULT_PRESET,
+                              overlays=overlays, flags=flags)
+    # The step flags count global batches: they become images at the resolved batch size.
     steps = {"train.checkpoint_every_images": args.checkpoint_every, "train.log_every_images": args.log_every}
     steps = {k: v * config.train.batch_size for k, v in steps.items() if v is not None}
     return config.with_overrides(steps) if steps else config

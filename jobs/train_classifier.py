@@ -1,19 +1,20 @@
 """Train the DenseNet classifier (FDD's feature extractor) on real shards with Ray Train.
 
     python jobs/train_classifier.py --real shards/real --out classifiers/densenet
-        [--preset full|demo|smoke] [--arch densenet121|small|tiny] [--resolution PX]
+        [--preset full|demo|smoke | --config FILE] [--arch densenet121|small|tiny] [--resolution PX]
         [--classes CLASS ...] [--mode multiclass|multilabel] [--class-weighted]
         [--synthetic URI ...] [--synthetic-ratio R | --balance-per-class N]
         [--epochs E] [--batch-size B] [--lr LR] [--max-steps-per-epoch S] [--no-augment]
         [--weights FILE] [--num-workers N] [--use-gpu | --no-use-gpu] [--cpus-per-worker C]
         [--torch-threads T] [--seed S] [--storage DIR|s3://...] [--run-name NAME]
-        [--s3-endpoint URL] [--smoke]
+        [--s3-endpoint URL] [--set field=value ...] [--smoke]
 
 Every epoch is validated on the real val split (per-class AUROC, accuracy, confusion matrix);
 Ray Train keeps the checkpoint with the best macro AUROC, which is exported with its
 preprocessing as <out>/classifier (pass it to jobs/fdd.py --classifier). <out>/metrics.jsonl
-holds every epoch. Flags override the preset (default: full, DenseNet-121 at 256 px); running
-the same command again resumes the run. --synthetic-ratio R makes synthetic rows a fraction R
+holds every epoch. The config is resolved in one order: the preset (cxrfactory/configs/classifier/,
+default full: DenseNet-121 at 256 px) or --config FILE, then the flags, then --set (any
+ClassifierConfig field, e.g. --set lr=3e-4); running the same command again resumes the run. --synthetic-ratio R makes synthetic rows a fraction R
 of each epoch; --balance-per-class N takes at most N real rows per class and fills every
 class up to N with synthetic ones (without --synthetic it only caps the real rows); with
 neither, all synthetic rows are used.
@@ -26,19 +27,24 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxrfactory.runtime import run_job  # noqa: E402
 from cxrfactory.classifier.config import (  # noqa: E402
-    ARCHITECTURES,
+    KIND,
     MODES,
-    PRESETS,
+    NETWORK_SIZES,
     ClassifierConfig,
     ClassifierTrainingError,
 )
 from cxrfactory.classifier.driver import train_classifier  # noqa: E402
+from cxrfactory.config import add_config_arguments, config_from_args  # noqa: E402
+from cxrfactory.errors import UserError  # noqa: E402
+from cxrfactory.runtime import run_job  # noqa: E402
 
+#: The preset a run starts from without --preset, --config or --smoke.
+DEFAULT_PRESET = "full"
 #: Flags that map one to one onto ClassifierConfig fields (argparse dest = field name).
 FIELDS = ("arch", "resolution", "mode", "class_weighted", "synthetic_ratio", "balance_per_class",
           "epochs", "batch_size", "lr", "max_steps_per_epoch", "augment", "weights", "num_workers",
@@ -49,15 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="real shard folder or s3:// URI (train and val splits)")
     p.add_argument("--out", required=True, help="local folder for classifier/ and metrics.jsonl")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="starting point (default full)")
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None, help="network size")
+    add_config_arguments(p, KIND, default=DEFAULT_PRESET)
+    add_classifier_arguments(p)
+    p.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny network for 2 steps")
+    return p
+
+
+def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that set ClassifierConfig fields (shared with jobs/evaluate_utility.py)."""
+    p.add_argument("--arch", choices=sorted(NETWORK_SIZES), default=None, help="network size")
     p.add_argument("--resolution", type=int, default=None, metavar="PX", help="preprocessing side in px")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="classes to learn (default: every class of the real shards)")
     p.add_argument("--mode", choices=MODES, default=None, help="one label per image or findings")
     p.add_argument("--class-weighted", action=argparse.BooleanOptionalAction, default=None,
                    help="inverse-frequency class weights in the loss")
-    p.add_argument("--synthetic", nargs="+", default=[], metavar="URI", help="synthetic shard roots to mix in")
+    p.add_argument("--synthetic", nargs="+", default=None, metavar="URI", help="synthetic shard roots to mix in")
     mix = p.add_mutually_exclusive_group()
     mix.add_argument("--synthetic-ratio", type=float, default=None, metavar="R",
                      help="synthetic fraction of each epoch's rows, in [0, 1)")
@@ -79,25 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Ray Train storage, folder or s3:// (default <out>/runs)")
     p.add_argument("--run-name", default=None, help="run folder in the storage; the same name resumes")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else CXRF_S3_ENDPOINT / AWS)")
-    p.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny network for 2 steps")
-    return p
 
 
-def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ClassifierConfig:
-    """Preset (or --smoke), then every flag given; a bad value is a usage error."""
+def classifier_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The ClassifierConfig fields the flags give (None: not given); a bad count is a usage error."""
     if args.smoke and args.preset not in (None, "smoke"):
         parser.error("--smoke is the smoke preset; drop --preset")
+    if args.smoke and args.config:
+        parser.error("--smoke is the smoke preset; drop --config")
     for flag in ("resolution", "epochs", "batch_size", "max_steps_per_epoch", "num_workers",
                  "torch_threads", "balance_per_class"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    fields = dict(PRESETS["smoke" if args.smoke else args.preset or "full"])
-    fields.update({name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None})
+    fields = {name: getattr(args, name) for name in FIELDS}
+    return {"real": args.real, "out": args.out, "synthetic": args.synthetic, "classes": args.classes,
+            **fields}
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ClassifierConfig:
+    """Preset (or --smoke) or file, then every flag given, then --set; a bad value is a usage error."""
+    flags = classifier_flags(args, parser)
     try:
-        return ClassifierConfig(real=args.real, out=args.out, synthetic=tuple(args.synthetic),
-                                classes=tuple(args.classes) if args.classes else None, **fields)
-    except ValueError as error:
+        return config_from_args(parser, args, ClassifierConfig, kind=KIND,
+                                default="smoke" if args.smoke else DEFAULT_PRESET, flags=flags)
+    except UserError as error:  # a value the config refuses (a ratio out of range, a class, ...)
         parser.error(str(error))
         raise  # unreachable: parser.error exits
 

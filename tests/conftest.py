@@ -3,6 +3,10 @@
 The S3 endpoint is ``moto_server`` (as s3fs's own test suite does), started once per session.
 Fake credentials are set at import time, before Ray starts, so Ray's worker processes inherit
 them and can reach the endpoint too.
+
+Every test that needs Ray (the session Ray, or a cluster of its own) is marked ``ray`` here,
+from the fixtures it uses, so ``pytest -m "not ray"`` runs the Ray-free core; a test that
+starts Ray without being marked fails, so the mark stays true.
 """
 
 from __future__ import annotations
@@ -29,10 +33,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # jobs/ are imported by the tests as modules
 
 
+#: Fixtures that start Ray: the session's, and ``tests/test_train.py``'s second cluster.
+RAY_FIXTURES = frozenset({"ray_session", "head_node"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``ray`` every test that uses a Ray fixture, directly or through another fixture."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _ray_mark_is_true(request):
+    """A test that starts Ray in this process must be marked ``ray`` (use ``ray_session``)."""
+    was_up = _ray_is_up()
+    yield
+    if not was_up and _ray_is_up() and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} started Ray without the ray_session fixture, so "
+                    "`pytest -m 'not ray'` would run it; request ray_session", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray for the whole session. 4 logical CPUs on a 2-core box: training workers and
-    Ray Data tasks must be able to coexist (DESIGN's Ray notes)."""
+    Ray Data tasks must be able to coexist (docs/architecture.md, "Ray notes")."""
     import ray
 
     if not ray.is_initialized():

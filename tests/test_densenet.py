@@ -17,6 +17,7 @@ from cxrfactory.classifier.artifact import (
     save_classifier_artifact,
 )
 from cxrfactory.models.densenet import DenseNetConfig, Preprocessing, densenet121_xray, preprocess
+from cxrfactory.weights import ArtifactError, WeightsError
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
 CLASSES = ("Normal", "Cardiomegaly", "Effusion")
@@ -96,11 +97,11 @@ def test_features_match_torchvision_on_replicated_gray(tmp_path) -> None:
 
 
 def test_weights_path_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(WeightsError, match="nowhere.pt"):
         densenet121_xray(num_classes=3, weights_path=tmp_path / "nowhere.pt", **TINY)
     other = tmp_path / "other.pt"
     torch.save(_tiny(num_classes=3, growth_rate=6).state_dict(), other)
-    with pytest.raises(ValueError, match="other.pt: weights do not fit"):
+    with pytest.raises(WeightsError, match="other.pt: weights do not fit"):
         densenet121_xray(num_classes=3, weights_path=other, **TINY)
 
 
@@ -196,8 +197,10 @@ def test_artifact_load_is_weights_only(tmp_path) -> None:
     torch.save({"trunk.conv0.weight": _Payload()}, weights)
     # A matching sha256 so the refusal comes from the weights-only loader, not the checksum.
     (directory / "sha256").write_text(hashlib.sha256(weights.read_bytes()).hexdigest())
-    with pytest.raises(ValueError, match="classifier.pt: not a loadable weights-only"):
+    with pytest.raises(WeightsError, match="classifier.pt is not trusted: it holds pickled") as refused:
         load_classifier_artifact(directory)
+    assert "weights_only" not in str(refused.value)  # torch's advice to load it anyway
+    assert "jobs/train_classifier.py" in str(refused.value)  # where a good one comes from
     assert _Payload.ran is False
 
 
@@ -208,24 +211,45 @@ def test_corrupt_or_incomplete_artifacts(tmp_path) -> None:
     good_weights, good_config = weights.read_bytes(), config_path.read_text()
 
     weights.write_bytes(good_weights[: len(good_weights) // 2])  # truncated copy
-    with pytest.raises(ValueError, match="classifier.pt: sha256 .* does not match"):
+    with pytest.raises(ArtifactError, match="classifier.pt is corrupt: its sha256"):
         load_classifier_artifact(directory)
     weights.write_bytes(good_weights)
 
     config = json.loads(good_config)
     del config["preprocessing"]
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json: missing the 'preprocessing' entry"):
+    with pytest.raises(ArtifactError, match="config.json: missing the 'preprocessing' entry"):
         load_classifier_artifact(directory)
     config_path.write_text(good_config[:40])
-    with pytest.raises(ValueError, match="config.json: corrupt JSON"):
+    with pytest.raises(ArtifactError, match="config.json: corrupt JSON"):
         load_classifier_artifact(directory)
     config_path.unlink()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ArtifactError, match="config.json is missing"):
         load_classifier_artifact(directory)
     config_path.write_text(good_config)
     (directory / "sha256").unlink()
-    with pytest.raises(FileNotFoundError, match="sha256"):
+    with pytest.raises(ArtifactError, match="sha256 is missing"):
         load_classifier_artifact(directory)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ArtifactError, match="not a classifier artifact: classifier.pt is missing"):
         load_classifier_artifact(tmp_path / "absent")
+
+
+def test_artifact_round_trip_through_s3(s3_bucket, s3_endpoint) -> None:
+    """Saved to and loaded from s3:// through storage: the same digest, the same weights."""
+    model = _tiny(seed=5)
+    uri = f"{s3_bucket}/runs/clf"
+    digest = save_classifier_artifact(uri, model, CLASSES, Preprocessing(resolution=32),
+                                      extra={"epoch": 2}, s3_endpoint=s3_endpoint)
+    import boto3
+
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    stored = client.get_object(Bucket=bucket, Key=f"{key}/classifier.pt")["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == digest
+    assert read_classifier_config(uri, s3_endpoint)["extra"] == {"epoch": 2}
+    loaded = load_classifier_artifact(uri, s3_endpoint)
+    assert loaded.sha256 == digest and loaded.classes == CLASSES
+    theirs, ours = loaded.model.state_dict(), model.state_dict()
+    assert theirs.keys() == ours.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0)

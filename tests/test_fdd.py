@@ -16,6 +16,7 @@ import torch
 
 from cxrfactory import filenames
 from cxrfactory import shards
+from cxrfactory.images import decode_png, encode_png
 from cxrfactory.data import nih
 from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
 from cxrfactory.metrics.fdd import PAPER_PROTOCOL, FDDConfig
@@ -24,16 +25,16 @@ from cxrfactory.metrics.fdd_pipeline import (
     SAMPLE_SALT,
     FDDError,
     FeatureExtractor,
-    artifact_files,
     select_rows,
 )
 from cxrfactory.metrics.frechet import frechet_distance
 from cxrfactory.metrics.stats import FeatureStats
-from cxrfactory.classifier.artifact import save_classifier_artifact
+from cxrfactory.classifier.artifact import read_classifier_files, save_classifier_artifact
+from cxrfactory.weights import ArtifactError
 from cxrfactory.models.densenet import Preprocessing, densenet121_xray
 from cxrfactory.raydata import stable_fraction
 from cxrfactory.storage import resolve
-from cxrfactory.classifier.config import ARCHITECTURES
+from cxrfactory.classifier.config import NETWORK_SIZES
 from cxrfactory.models.densenet import decode_images
 
 CLASSES = ("Cardiomegaly", "Effusion", "Pneumothorax")
@@ -72,10 +73,10 @@ def write_synthetic(real: Path, out: Path, noise: float, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     rows = []
     for i, row in read_split(real, "test").iterrows():
-        pixels = shards.decode_png(row["image"]["bytes"]).astype(np.float64)
+        pixels = decode_png(row["image"]["bytes"]).astype(np.float64)
         pixels = np.clip(pixels + rng.normal(0.0, noise, pixels.shape), 0, 255).astype(np.uint8)
         image_id = f"syn-{row['label']}-{i}"
-        rows.append({"image_id": image_id, "image": {"bytes": shards.encode_png(pixels), "path": image_id},
+        rows.append({"image_id": image_id, "image": {"bytes": encode_png(pixels), "path": image_id},
                      "label": row["label"], "findings": [row["label"]], "split": "synthetic",
                      "patient_id": None, "source": "synthetic", "seed": i, "generator": "0" * 64,
                      "height": RES, "width": RES})
@@ -94,7 +95,7 @@ def write_synthetic(real: Path, out: Path, noise: float, seed: int = 0) -> Path:
 def tiny_artifact(directory: Path, seed: int, growth_rate: int = 8) -> Path:
     """An untrained tiny DenseNet artifact: features are a fixed random function of the image."""
     torch.manual_seed(seed)
-    arch = {**ARCHITECTURES["tiny"], "growth_rate": growth_rate}
+    arch = {**NETWORK_SIZES["tiny"], "growth_rate": growth_rate}
     model = densenet121_xray(num_classes=len(CLASSES), **arch).eval()
     save_classifier_artifact(directory, model, CLASSES, Preprocessing(resolution=RES))
     return directory
@@ -287,7 +288,7 @@ def test_feature_extractor_partials_merge_exactly(fdd_inputs) -> None:
              for k, v in select_rows(table, side=0, thresholds={}, halves=True).to_pydict().items()}
     # One image per forward pass: float32 convolutions then give the same features whatever
     # the split, and the comparison isolates the statistics' merge
-    extractor = FeatureExtractor(artifact_files(str(fdd_inputs["classifier"])), inference_batch=1,
+    extractor = FeatureExtractor(read_classifier_files(fdd_inputs["classifier"]), inference_batch=1,
                                  threads=1)
     whole = FeatureStats.from_arrays(extractor(batch))
     parts = [FeatureStats.from_arrays(extractor({k: v[s] for k, v in batch.items()}))
@@ -349,7 +350,7 @@ def test_artifact_without_preprocessing_is_refused(fdd_inputs, tmp_path) -> None
     config = json.loads((broken / "config.json").read_text())
     del config["preprocessing"]
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(FDDError, match="preprocessing"):
+    with pytest.raises(ArtifactError, match="config.json: missing the 'preprocessing' entry"):
         job.main(["--real", str(fdd_inputs["real"]), "--synthetic", f"s={fdd_inputs['same']}",
                   "--classifier", str(broken), "--out", str(tmp_path / "out")])
 

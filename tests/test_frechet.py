@@ -12,11 +12,9 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from cxrfactory.metrics.frechet import (
     RankDeficientWarning,
     check_sample_size,
-    class_distances,
     frechet_distance,
     prepare_reference,
 )
-from cxrfactory.metrics.stats import FeatureStats
 
 
 def _gaussian(rng: np.random.Generator, d: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,30 +108,6 @@ def test_sample_size_warning() -> None:
         assert check_sample_size(1025, 1024) is True
 
 
-def test_class_distances_from_feature_stats() -> None:
-    rng = np.random.default_rng(4)
-    d = 16
-    real, fake = FeatureStats(), FeatureStats()
-    real_x = rng.standard_normal((300, d))
-    fake_x = rng.standard_normal((300, d)) * 1.5 + 0.2
-    labels = np.array(["Normal", "Mass"] * 150)
-    real.update(real_x, labels)
-    fake.update(fake_x, labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        table = class_distances(real, fake)
-    assert list(table) == ["Normal", "Mass"]
-    rows_r, rows_f = real_x[labels == "Mass"], fake_x[labels == "Mass"]
-    expected = calculate_frechet_distance(rows_r.mean(0), np.cov(rows_r, rowvar=False),
-                                          rows_f.mean(0), np.cov(rows_f, rowvar=False))
-    assert table["Mass"] == pytest.approx(expected, rel=1e-6)
-
-    small = FeatureStats()
-    small.update(fake_x[:10], ["Mass"] * 10)
-    with pytest.warns(RankDeficientWarning, match="'Mass' has 10 images for 16"):
-        class_distances(real, small)
-
-
 def test_mismatched_or_invalid_inputs() -> None:
     mu, sigma = _gaussian(np.random.default_rng(5), 8, 50)
     with pytest.raises(ValueError, match="dimensions differ"):
@@ -144,9 +118,3 @@ def test_mismatched_or_invalid_inputs() -> None:
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(mu, sigma, mu, bad)
-    other = FeatureStats()
-    other.update(np.zeros((3, 4)), ["Mass"] * 3)
-    real = FeatureStats()
-    real.update(np.zeros((3, 8)), ["Mass"] * 3)
-    with pytest.raises(ValueError, match="dimensions differ"):
-        class_distances(real, other)

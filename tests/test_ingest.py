@@ -13,6 +13,7 @@ import pytest
 from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
+from cxrfactory.images import decode_png
 from cxrfactory.data import nih
 from cxrfactory.storage import resolve
 
@@ -61,7 +62,7 @@ def test_counts_match_pandas_and_patients_never_straddle_splits(ray_session, nih
     assert rows.groupby("patient_id")["split"].nunique().max() == 1
     assert set(rows["split"]) <= set(shards.SPLITS)
     # The written image decodes to the requested size.
-    img = shards.decode_png(rows["image"].iloc[0]["bytes"])
+    img = decode_png(rows["image"].iloc[0]["bytes"])
     assert img.shape == (RES, RES) and img.dtype == np.uint8
     assert (rows["height"] == RES).all() and (rows["width"] == RES).all()
     # Every file holds only the split and class its path names.
@@ -77,7 +78,7 @@ def test_resize_on_ingest_is_antialiased_to_the_requested_size(ray_session, nih_
                                 classes=("Normal", "Effusion")), log=lambda s: None)
     rows = read_all(out)
     assert set(rows["label"]) == {"Normal", "Effusion"}
-    assert shards.decode_png(rows["image"].iloc[0]["bytes"]).shape == (16, 16)
+    assert decode_png(rows["image"].iloc[0]["bytes"]).shape == (16, 16)
 
 
 def test_corrupt_and_missing_images_are_skipped_and_listed(ray_session, nih_folder, tmp_path):
@@ -128,7 +129,7 @@ def test_ingest_to_s3(ray_session, nih_folder, s3_bucket, s3_endpoint):
     back = shards.read_manifest(root)
     assert back.counts == manifest.counts
     table = shards.read_shard(root.join(manifest.files[0]))
-    assert shards.decode_png(table["image"][0]["bytes"].as_py()).shape == (RES, RES)
+    assert decode_png(table["image"][0]["bytes"].as_py()).shape == (RES, RES)
 
 
 def test_official_split_lists_are_used_when_present(ray_session, nih_folder, tmp_path):

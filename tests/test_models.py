@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cxrfactory.config import (
+from cxrfactory.gan.config import (
     Config,
     ConfigError,
     GANConfig,
@@ -301,7 +301,7 @@ def test_generate_is_independent_of_batch_size_and_order():
 
 # ------------------------------------------------------------------------------ layering
 def test_models_and_the_gan_step_import_no_pipeline_dependencies():
-    """DESIGN: models and training.gan run on a bare torch box (the GPU benchmark relies on it)."""
+    """docs/architecture.md: models and gan.step run on a bare torch box (the GPU benchmark relies on it)."""
     code = (
         "import sys, cxrfactory.models, cxrfactory.gan.step, cxrfactory.gan.losses\n"
         "bad = [m for m in ('ray', 'pandas', 'pyarrow', 'boto3', 'yaml') if m in sys.modules]\n"

@@ -21,8 +21,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from cxrfactory.dataset_card import finish_set
 from cxrfactory import filenames
 from cxrfactory import shards
+from cxrfactory.images import decode_png
+from cxrfactory.shard_dataset import ShardDataset
 from cxrfactory.storage import resolve
 from tests.test_synthesis import generator_dir  # noqa: F401  (the tiny generator fixture)
 
@@ -182,7 +185,7 @@ def read_project_ray(root, endpoint):
 
 
 def read_shard_dataset(root, endpoint):
-    dataset = shards.ShardDataset(root, s3_endpoint=endpoint)
+    dataset = ShardDataset(root, s3_endpoint=endpoint)
     images = [dataset[i][0] for i in range(len(dataset))]  # (1, H, W) float tensors in [0, 1]
     return pd.DataFrame({"image_id": dataset.image_ids,
                          "label": [dataset.classes[i] for i in dataset.labels],
@@ -204,7 +207,7 @@ def _pixels(image) -> np.ndarray:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 2:
         return image
     data = image["bytes"] if isinstance(image, dict) else image
-    return shards.decode_png(bytes(data))
+    return decode_png(bytes(data))
 
 
 def expected_rows(root: str, endpoint: str | None) -> dict[str, tuple[str, np.ndarray]]:
@@ -214,7 +217,7 @@ def expected_rows(root: str, endpoint: str | None) -> dict[str, tuple[str, np.nd
     for rel in shards.read_manifest(loc).files:
         table = shards.read_shard(loc.join(rel), columns=["image_id", "label", "image"])
         for row in table.to_pylist():
-            out[row["image_id"]] = (row["label"], shards.decode_png(row["image"]["bytes"]))
+            out[row["image_id"]] = (row["label"], decode_png(row["image"]["bytes"]))
     return out
 
 
@@ -309,7 +312,7 @@ def test_a_stopped_writer_leaves_nothing_a_plain_reader_takes_for_data(local_set
                  "datasets(parquet)", "ray.data"):
         assert set(READERS[name](str(out), None)["image_id"]) == whole, name
     with pytest.raises(shards.ManifestError, match="did not finish"):
-        shards.ShardDataset(str(out))
+        ShardDataset(str(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def test_a_format_1_folder_opens_with_a_note_and_migrates_in_place(local_sets, t
     (folder / ".tmp-0123-part-00009.parquet").write_bytes(b"PAR1 cut short")
     # The project's readers still open it, and say how to migrate.
     with caplog.at_level("WARNING", logger="cxrfactory.shards"):
-        assert len(shards.ShardDataset(str(old), split="train")) == sum(1 for r in before if r[2] == "train")
+        assert len(ShardDataset(str(old), split="train")) == sum(1 for r in before if r[2] == "train")
     assert f"jobs/migrate_shards.py {old}" in caplog.text
     # A writer asked to write there says the same, and touches nothing.
     with pytest.raises(shards.OutputConflictError, match="migrate"):
@@ -404,7 +407,7 @@ def test_a_stopped_migration_is_completed_by_running_it_again(local_sets, tmp_pa
     before = _rows(old)
     legacy = shards.Manifest.from_json((old / filenames.LEGACY_MANIFEST).read_text())
     # Stopped after the new manifest, before any old file was deleted: both layouts on disk.
-    shards.write_manifest(resolve(old), shard_migration._rewrite(resolve(old), legacy, lambda s: None))
+    finish_set(resolve(old), shard_migration._rewrite(resolve(old), legacy, lambda s: None))
     assert job.main([str(old)]) == 0
     assert _rows(old) == before and not list(old.glob("label=*"))
 

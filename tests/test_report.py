@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from cxrfactory import shards
-from cxrfactory.config import Config
+from cxrfactory.images import encode_png
+from cxrfactory.gan.config import Config
 from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.metrics.fdd import _add_means
 from cxrfactory.metrics.fdd_tables import write_outputs
@@ -93,7 +94,7 @@ def write_shards(root: Path, rows_by_class: dict[str, list[tuple[str, str, int]]
                                [r for r in rows if r[1] == split][1::2]) if part]
         for k, (piece_split, part) in enumerate(pieces):
             table = shards.make_table([{
-                "image_id": image_id, "image": {"bytes": shards.encode_png(image_for(number)), "path": None},
+                "image_id": image_id, "image": {"bytes": encode_png(image_for(number)), "path": None},
                 "label": label, "findings": [label], "split": split,
                 "patient_id": None if source == "synthetic" else number, "source": source,
                 "seed": number if source == "synthetic" else None,
@@ -351,7 +352,7 @@ def test_balance_section_shows_the_balanced_sets_not_evaluation_sets(inputs, tmp
         assert f"real + {name} (after)" in header and "eval" not in header
         assert "| Effusion | 3 | 5 | 8 |" in md
         assert f"| balanced set {name} | --balanced |" in md or name == "proposed"
-    with pytest.raises(ReportInputError, match="balanced set names must be unique"):
+    with pytest.raises(ReportInputError, match="--balanced names must be unique"):
         ReportConfig(out="x", balanced=(("a", "p"), ("a", "q")))
 
 
@@ -493,5 +494,10 @@ def test_cli_end_to_end(inputs, tmp_path):
 def test_config_validation():
     with pytest.raises(ReportInputError, match="unique"):
         ReportConfig(out="o", synthetic=(("a", "x"), ("a", "y")))
+    # The library config checks names as the command line does (cxrfactory.named_sets).
+    with pytest.raises(ReportInputError, match=r"--balanced 'real=x': expected NAME=URI .* other than 'real'"):
+        ReportConfig(out="o", balanced=(("real", "x"),))
+    with pytest.raises(ReportInputError, match="--synthetic 'my set=x'"):
+        ReportConfig(out="o", synthetic=(("my set", "x"),))
     with pytest.raises(ReportInputError, match="samples per class"):
         replace(ReportConfig(out="o", fdd="f"), samples_per_class=0)

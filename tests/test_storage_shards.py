@@ -1,10 +1,13 @@
+import io
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from cxrfactory import shards
+from cxrfactory.images import decode_png, encode_png
 from cxrfactory.storage import StorageError, check_writable, resolve
 
 
@@ -12,18 +15,64 @@ def _rows(n, label="Mass", size=8):
     rng = np.random.default_rng(0)
     return [{
         "image_id": f"{i:08d}_000.png",
-        "image": {"bytes": shards.encode_png(rng.integers(0, 256, (size, size), dtype=np.uint8)),
+        "image": {"bytes": encode_png(rng.integers(0, 256, (size, size), dtype=np.uint8)),
                   "path": f"{i:08d}_000.png"},
         "label": label, "findings": [label], "split": "train", "patient_id": i,
         "source": "phantom", "seed": None, "generator": None, "height": size, "width": size,
     } for i in range(n)]
 
 
-def test_png_round_trip_is_exact():
+def test_png_round_trip_is_exact_and_readable_by_pillow():
     img = np.random.default_rng(1).integers(0, 256, (17, 23), dtype=np.uint8)
-    np.testing.assert_array_equal(shards.decode_png(shards.encode_png(img)), img)
-    with pytest.raises(ValueError):
-        shards.encode_png(img.astype(np.float32))
+    img[5] = img[4]  # a row equal to the one above: the "Up" filter's zeros
+    data = encode_png(img)
+    np.testing.assert_array_equal(decode_png(data), img)
+    with Image.open(io.BytesIO(data)) as decoded:  # an independent decoder
+        assert decoded.mode == "L" and decoded.size == (23, 17)
+        np.testing.assert_array_equal(np.asarray(decoded), img)
+    assert encode_png(img.copy()) == data  # the bytes depend on the pixels only
+    for bad in (img.astype(np.float32), np.stack([img, img], axis=-1)):
+        with pytest.raises(ValueError, match="uint8"):
+            encode_png(bad)
+
+
+def test_decode_png_converts_16_bit_and_colour_to_8_bit_gray():
+    wide = np.array([[1000, 2000], [3000, 5000]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    # 16-bit: stretched from the image's minimum (0) to its maximum (255).
+    np.testing.assert_array_equal(decode_png(buf.getvalue()), [[0, 64], [128, 255]])
+    buf = io.BytesIO()
+    Image.new("RGBA", (3, 2), (200, 200, 200, 255)).save(buf, format="PNG")
+    assert decode_png(buf.getvalue()).tolist() == [[200] * 3] * 2
+
+
+def test_manifest_from_shards_counts_footers_and_refuses_missing_or_foreign_files(tmp_path):
+    root = resolve(tmp_path)
+    files = [(shards.shard_path("train", "Mass", 0), "train"),
+             (shards.shard_path("val", "Normal", 0), "val"),
+             (shards.shard_path("test", "Mass", 0), "test")]
+    shards.write_shard(root.join(files[0][0]), shards.make_table(_rows(3)),
+                       skipped=[{"path": "x.png", "reason": "missing"}])
+    shards.write_shard(root.join(files[1][0]), shards.make_table(_rows(2, "Normal")))
+    shards.write_shard(root.join(files[2][0]), shards.make_table([]))  # every input skipped
+    manifest = shards.manifest_from_shards(
+        root, files, source="phantom", classes=["Normal", "Mass"], config={"classes": ("Mass",)},
+        skipped=[{"path": "y.png", "reason": "not in the CSV"}], extra={"resolution": 8})
+    assert manifest.counts == {"train": {"Normal": 0, "Mass": 3}, "val": {"Normal": 2, "Mass": 0}}
+    assert manifest.files == [f for f, _ in files] and manifest.config == {"classes": ["Mass"]}
+    assert [s["path"] for s in manifest.skipped] == ["y.png", "x.png"]
+    assert manifest.extra == {"resolution": 8}
+    listed = shards.manifest_from_shards(root, files[2:], source="phantom", classes=["Mass"],
+                                         splits=["test"])
+    assert listed.counts == {"test": {"Mass": 0}}  # a split asked for is listed even when empty
+
+    with pytest.raises(shards.ManifestError, match="holds 3 rows where the plan has 4"):
+        shards.manifest_from_shards(root, files[:1], source="phantom", classes=["Mass"],
+                                    expected_rows={files[0][0]: 4})
+    missing = shards.shard_path("train", "Mass", 1)
+    with pytest.raises(shards.ManifestError, match="part-00001.parquet was not written"):
+        shards.manifest_from_shards(root, [(missing, "train")], source="phantom", classes=["Mass"])
 
 
 def test_shard_schema_and_skipped_footer(tmp_path):
@@ -100,7 +149,7 @@ def test_s3_round_trip(s3_bucket, s3_endpoint):
     assert shards.read_manifest(root).total() == 4
     table = shards.read_shard(root.join("train/Mass/part-00000.parquet"))
     assert table.num_rows == 4
-    assert shards.decode_png(table["image"][0]["bytes"].as_py()).shape == (8, 8)
+    assert decode_png(table["image"][0]["bytes"].as_py()).shape == (8, 8)
 
 
 def test_s3_unreachable_endpoint_is_a_clear_error():

@@ -18,8 +18,10 @@ import torch
 
 from cxrfactory import filenames
 from cxrfactory import shards
+from cxrfactory.images import decode_png, encode_png
+from cxrfactory.shard_dataset import ShardDataset
 from cxrfactory.gan.artifact import load_generator_artifact, save_generator_artifact
-from cxrfactory.config import Config, ModelConfig
+from cxrfactory.gan.config import Config, ModelConfig
 from cxrfactory.models import build_generator
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
@@ -131,13 +133,13 @@ def test_local_run_has_exact_counts_schema_and_manifest(reference, generator_dir
     assert row["image_id"] == f"syn-Mass-{row['seed']}" and row["seed"] == image_seed(0, 2, 0)
     assert (row["label"], row["findings"], row["split"], row["source"]) == ("Mass", ["Mass"], "synthetic", "synthetic")
     assert row["patient_id"] is None and row["generator"] == artifact.sha256
-    assert (row["height"], row["width"]) == (16, 16) == shards.decode_png(row["image"]["bytes"]).shape
+    assert (row["height"], row["width"]) == (16, 16) == decode_png(row["image"]["bytes"]).shape
     normal = pq.read_table(reference / "train/Normal/part-00000.parquet", columns=["findings"])
     assert normal.column("findings").to_pylist() == [[]] * R
 
     images = _images_by_id(reference)
     assert len(images) == 3 * N  # and no duplicate image_id (checked while reading)
-    pixels = np.stack([shards.decode_png(b) for b in images.values()]).astype(float)
+    pixels = np.stack([decode_png(b) for b in images.values()]).astype(float)
     assert pixels.std(axis=0).mean() > 5, "images of different seeds should differ"
 
 
@@ -151,8 +153,7 @@ def test_another_worker_count_writes_byte_identical_files(reference, generator_d
 def test_another_batch_size_changes_a_pixel_by_at_most_one_grey_level(reference, generator_dir, tmp_path):
     # The actor class runs in-process here: the same code path as in Ray, without starting actors.
     artifact = load_generator_artifact(str(generator_dir))
-    writer = ShardWriter(weights=artifact.generator.state_dict(), config=artifact.config.to_dict(),
-                         generator_sha256=artifact.sha256, out=str(tmp_path), s3_endpoint=None,
+    writer = ShardWriter(artifact=artifact, out=str(tmp_path), s3_endpoint=None,
                          seed=0, resolution=16, batch_size=3, threads=1, use_gpu=False)
     path = "train/Effusion/part-00001.parquet"
     summary = writer({"path": np.array([path]), "label": np.array(["Effusion"]),
@@ -160,7 +161,7 @@ def test_another_batch_size_changes_a_pixel_by_at_most_one_grey_level(reference,
     assert summary["rows"] == [R]
     ours, theirs = (pq.read_table(root / path) for root in (tmp_path, reference))
     assert ours.column("image_id").to_pylist() == theirs.column("image_id").to_pylist()
-    a, b = ([shards.decode_png(im["bytes"]).astype(int) for im in t.column("image").to_pylist()]
+    a, b = ([decode_png(im["bytes"]).astype(int) for im in t.column("image").to_pylist()]
             for t in (ours, theirs))
     assert max(np.abs(x - y).max() for x, y in zip(a, b)) <= 1
 
@@ -169,7 +170,7 @@ def test_regenerate_remakes_each_row_from_its_seed(reference, generator_dir):
     artifact = load_generator_artifact(str(generator_dir))
     rows = pq.read_table(reference / "train/Effusion/part-00002.parquet").to_pylist()
     for row in rows:
-        np.testing.assert_array_equal(regenerate(row, artifact), shards.decode_png(row["image"]["bytes"]))
+        np.testing.assert_array_equal(regenerate(row, artifact), decode_png(row["image"]["bytes"]))
     with pytest.raises(SynthesisError, match="not by this artifact"):
         regenerate({**rows[0], "generator": "0" * 64}, artifact)
 
@@ -199,7 +200,7 @@ def test_interrupted_run_is_completed_with_exact_counts(ray_session, reference, 
 
 def _write_real_folder(root: Path) -> None:
     """A tiny real shard folder: train Normal 15, Effusion 4; val Effusion 3."""
-    tiny = shards.encode_png(np.zeros((8, 8), np.uint8))
+    tiny = encode_png(np.zeros((8, 8), np.uint8))
     files, per = [], {"Normal": [("train", 15)], "Effusion": [("train", 4), ("val", 3)]}
     for label, s, n in [(label, s, n) for label, splits in per.items() for s, n in splits]:
         rows = [{"image_id": f"{label}-{s}-{i}.png", "image": {"bytes": tiny, "path": None},
@@ -240,10 +241,10 @@ def test_s3_end_to_end_balanced_against_real_with_resize(ray_session, s3_bucket,
     rows = ds.take_all()
     assert sorted(r["label"] for r in rows) == ["Effusion"] * 6 + ["Mass"] * 10
     assert len({r["image_id"] for r in rows}) == 16 and {r["generator"] for r in rows} == {sha}
-    assert all(shards.decode_png(r["image"]["bytes"]).shape == (12, 12) for r in rows)
+    assert all(decode_png(r["image"]["bytes"]).shape == (12, 12) for r in rows)
     artifact = load_generator_artifact(gen_uri, s3_endpoint=s3_endpoint)
-    np.testing.assert_array_equal(regenerate(rows[0], artifact), shards.decode_png(rows[0]["image"]["bytes"]))
-    dataset = shards.ShardDataset(out_uri, s3_endpoint=s3_endpoint)
+    np.testing.assert_array_equal(regenerate(rows[0], artifact), decode_png(rows[0]["image"]["bytes"]))
+    dataset = ShardDataset(out_uri, s3_endpoint=s3_endpoint)
     assert len(dataset) == 16 and dataset[15][0].shape == (1, 12, 12)
 
 
@@ -260,11 +261,11 @@ def test_ray_read_parquet_and_pytorch_dataset_read_what_was_written(ray_session,
     assert ds.schema().base_schema.field("image").type == shards.IMAGE_TYPE  # Hugging Face Image layout
     assert {r["image_id"]: r["image"]["bytes"] for r in ds.take_all()} == written
 
-    dataset = shards.ShardDataset(str(reference), split="synthetic", cache_files=1)
+    dataset = ShardDataset(str(reference), split="synthetic", cache_files=1)
     assert len(dataset) == 3 * N and np.bincount(dataset.labels).tolist() == [N, N, N]
     for i in (0, len(dataset) - 1, 7, 20):  # jumps between files exercise the one-file cache
         image, target = dataset[i]
-        expected = shards.decode_png(written[dataset.image_ids[i]])
+        expected = decode_png(written[dataset.image_ids[i]])
         assert image.shape == (1, 16, 16) and image.dtype == torch.float32
         torch.testing.assert_close(image[0], torch.tensor(expected, dtype=torch.float32) / 255)
         assert CLASSES[target] == dataset.image_ids[i].split("-")[1]
@@ -274,7 +275,7 @@ def test_ray_read_parquet_and_pytorch_dataset_read_what_was_written(ray_session,
     assert images.shape == (8, 1, 16, 16) and targets.dtype == torch.int64
 
     # Real and synthetic concatenate on a shared vocabulary; multi-hot follows the findings.
-    mass = shards.ShardDataset(str(reference), classes=["Normal", "Mass"], target="multi_hot")
+    mass = ShardDataset(str(reference), classes=["Normal", "Mass"], target="multi_hot")
     assert len(mass) == 2 * N and np.bincount(mass.labels).tolist() == [N, N]
     _, normal_target = mass[int(np.flatnonzero(mass.labels == 0)[0])]
     _, mass_target = mass[int(np.flatnonzero(mass.labels == 1)[0])]

@@ -29,7 +29,7 @@ from PIL import Image
 from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.gan.artifact import load_generator_artifact
-from cxrfactory.config import Config
+from cxrfactory.gan.config import Config
 from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.models import build_discriminators, build_generator
 from cxrfactory.gan import plots
@@ -246,13 +246,26 @@ def test_sample_mosaic_rows_are_classes_and_tiles_keep_pixels():
         plots.sample_mosaic([low, high[:4]], per_class)
 
 
-def test_loss_curves_png(tmp_path):
+def _curves(g_losses: list[float], tmp_path: Path, name: str) -> np.ndarray:
+    """The loss-curve figure of 10 steps: D losses fixed, G losses (every other step) given."""
     records = [{"step": s, "d_loss": 1.0 / s, "d_loss_b0": 0.5 / s, "d_loss_b1": 0.5 / s,
-                **({"g_loss": 0.3, "g_loss_b0": 0.1, "g_loss_b1": 0.2} if s % 2 == 0 else {})}
+                **({"g_loss": g_losses[s // 2 - 1], "g_loss_b0": g_losses[s // 2 - 1] / 3,
+                    "g_loss_b1": g_losses[s // 2 - 1] * 2 / 3} if s % 2 == 0 else {})}
                for s in range(1, 11)]
-    plots.save_loss_curves(records, str(tmp_path / "curves.png"), title="run")
-    with Image.open(tmp_path / "curves.png") as img:
+    plots.save_loss_curves(records, str(tmp_path / name), title="run")
+    with Image.open(tmp_path / name) as img:
         assert img.size == (1100, 400)
+        return np.asarray(img.convert("L"))
+
+
+def test_loss_curves_draw_each_loss_in_its_panel(tmp_path):
+    """The same G losses in another order (same range, so the same axes and ticks): the
+    discriminator panel (left) stays pixel for pixel, the generator panel (right) changes."""
+    rising = _curves([0.1, 0.2, 0.3, 0.4, 0.5], tmp_path, "rising.png")
+    falling = _curves([0.5, 0.4, 0.3, 0.2, 0.1], tmp_path, "falling.png")
+    np.testing.assert_array_equal(rising[:, :500], falling[:, :500])
+    changed = rising[:, 600:] != falling[:, 600:]
+    assert changed.sum() > 500  # whole lines moved, not a few antialiased pixels
 
 
 def test_progress_means_over_an_interval_and_metrics_log_cut_back_on_resume(tmp_path):
@@ -508,8 +521,30 @@ def test_ray_job_submit_runs_the_training_job(head_node, real_shards, tmp_path):
     assert "done: step 2" in logs and (tmp_path / "submitted" / "generator" / "sha256").exists()
 
 
-def test_epoch_plan_round_trips_through_asdict():
+def test_training_workers_leave_ray_data_a_cpu():
+    from cxrfactory.raydata import train_worker_resources as resources
+
+    # CPU clusters: the workers share all CPUs but one, at most 1 each, at least 1/4 in all.
+    assert resources(num_workers=2, use_gpu=False, cluster_cpus=8) == {"CPU": 1.0}
+    assert resources(num_workers=2, use_gpu=False, cluster_cpus=4) == {"CPU": 1.0}
+    assert resources(num_workers=4, use_gpu=False, cluster_cpus=4) == {"CPU": 0.75}
+    assert resources(num_workers=2, use_gpu=False, cluster_cpus=1) == {"CPU": 0.125}
+    assert resources(num_workers=4, use_gpu=True, cluster_cpus=64) == {"CPU": 1.0, "GPU": 1.0}
+    assert resources(num_workers=2, use_gpu=False, cpus_per_worker=3.0, cluster_cpus=1) == {"CPU": 3.0}
+
+
+def test_epoch_plan_survives_the_trip_to_the_workers():
+    """The driver ships ``asdict(plan)`` in the loop config; a worker rebuilds it with
+    ``EpochPlan.from_dict``. Through JSON the classes arrive as a list: the rebuilt plan must
+    still equal the driver's (a frozen dataclass with a list would differ and not hash) and
+    draw the same epochs."""
     from dataclasses import asdict
 
-    plan = EpochPlan(("Normal", "Mass"), {"Normal": 5, "Mass": 2}, 4, 4, 2)
-    assert EpochPlan(**asdict(plan)) == plan
+    counts = {c: 10 for c in DEFAULT_CLASSES} | {"Normal": 100, "Pneumonia": 3}
+    plan = plan_epochs(_manifest(counts), DEFAULT_CLASSES, class_balanced=True, global_batch=16,
+                       num_workers=2)
+    for shipped in (asdict(plan), json.loads(json.dumps(asdict(plan)))):
+        rebuilt = EpochPlan.from_dict(shipped)
+        assert rebuilt == plan and hash(rebuilt.classes) == hash(plan.classes)
+        assert rebuilt.steps_per_epoch == plan.steps_per_epoch
+        assert [rebuilt.epoch_draw(c) for c in DEFAULT_CLASSES] == [plan.epoch_draw(c) for c in DEFAULT_CLASSES]

@@ -1,37 +1,37 @@
 """The classifier artifact: a trained :class:`~cxrfactory.models.densenet.XrayDenseNet` with
 its class names and preprocessing, so FDD always knows how its features were made.
 
-Layout (docs/architecture.md, "Artifacts")::
+Layout (docs/architecture.md, "Artifacts"), in a local folder or under an ``s3://`` prefix::
 
     <dir>/classifier.pt   state dict, loaded with torch.load(weights_only=True)
     <dir>/config.json     network config, classes, preprocessing, extra
     <dir>/sha256          hex digest of classifier.pt (written last: the artifact is complete)
+
+Every read and write goes through :mod:`cxrfactory.storage`; actors receive the files as bytes
+(:func:`read_classifier_files`, :class:`~cxrfactory.weights.ArtifactFiles`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from cxrfactory import filenames
 from cxrfactory.labels import validate_classes
-from cxrfactory.models.densenet import (
-    DenseNetConfig,
-    Preprocessing,
-    XrayDenseNet,
-    load_weights_file,
-)
-from cxrfactory.storage import resolve
+from cxrfactory.models.densenet import DenseNetConfig, Preprocessing, XrayDenseNet, load_state
+from cxrfactory.storage import Location, resolve
+from cxrfactory.weights import ArtifactError, ArtifactFiles, read_artifact_files, sha256_hex
 
 ARTIFACT_FORMAT = 1
+#: Where a good classifier artifact comes from.
+MADE_BY = "jobs/train_classifier.py (<out>/classifier)"
 
+Where = str | os.PathLike[str] | Location
 
 
 class ClassifierArtifact(NamedTuple):
@@ -41,17 +41,18 @@ class ClassifierArtifact(NamedTuple):
     sha256: str  # hex digest of classifier.pt: identifies the features' provenance
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (see :mod:`cxrfactory.storage`)."""
-    resolve(path).write_bytes(data)
+def _location(directory: Where, s3_endpoint: str | None) -> Location:
+    return directory if isinstance(directory, Location) else resolve(directory, s3_endpoint)
 
 
 def save_classifier_artifact(
-    directory: str | os.PathLike[str],
+    directory: Where,
     model: XrayDenseNet,
     classes: tuple[str, ...] | list[str],
     preprocessing: Preprocessing,
     extra: dict[str, Any] | None = None,
+    *,
+    s3_endpoint: str | None = None,
 ) -> str:
     """Write ``classifier.pt``, ``config.json`` and ``sha256`` (last); return the sha256.
 
@@ -68,13 +69,12 @@ def save_classifier_artifact(
         )
     if not preprocessing.grayscale:
         raise ValueError("XrayDenseNet reads one channel: preprocessing.grayscale must be True")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    loc = _location(directory, s3_endpoint)
     buffer = io.BytesIO()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save(state, buffer)
     weights = buffer.getvalue()
-    digest = hashlib.sha256(weights).hexdigest()
+    digest = sha256_hex(weights)
     config = {
         "format": ARTIFACT_FORMAT,
         "kind": "classifier",
@@ -89,72 +89,64 @@ def save_classifier_artifact(
     except TypeError as error:
         raise ValueError(f"extra must be JSON-serialisable: {error}") from None
     # A stale sha256 must not vouch for new weights while they are being replaced.
-    (directory / filenames.SHA256).unlink(missing_ok=True)
-    _write_atomic(directory / filenames.CLASSIFIER_WEIGHTS, weights)
-    _write_atomic(directory / filenames.CONFIG, config_text.encode())
-    _write_atomic(directory / filenames.SHA256, (digest + "\n").encode())
+    stale = loc.join(filenames.SHA256)
+    if stale.exists():
+        stale.fs.delete_file(stale.path)
+    loc.join(filenames.CLASSIFIER_WEIGHTS).write_bytes(weights)
+    loc.join(filenames.CONFIG).write_text(config_text)
+    loc.join(filenames.SHA256).write_text(digest + "\n")
     return digest
 
 
-def read_classifier_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def read_classifier_files(directory: Where, s3_endpoint: str | None = None) -> ArtifactFiles:
+    """The artifact's files, read once through storage and verified (what actors receive)."""
+    return read_artifact_files(_location(directory, s3_endpoint), filenames.CLASSIFIER_WEIGHTS,
+                               kind="classifier", made_by=MADE_BY)
+
+
+def read_classifier_config(directory: Where | ArtifactFiles,
+                           s3_endpoint: str | None = None) -> dict[str, Any]:
     """The artifact's parsed ``config.json`` (model, classes, preprocessing, extra)."""
-    path = Path(directory) / filenames.CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier artifact lacks {filenames.CONFIG}: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: corrupt JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    if isinstance(directory, ArtifactFiles):
+        files = directory
+    else:
+        loc = _location(directory, s3_endpoint).join(filenames.CONFIG)
+        try:
+            data = loc.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ArtifactError(f"classifier artifact lacks {filenames.CONFIG}: {loc.uri} "
+                                f"(a good one is written by {MADE_BY})") from None
+        files = ArtifactFiles(loc.uri.rsplit("/", 1)[0], filenames.CLASSIFIER_WEIGHTS,
+                              {filenames.CONFIG: data}, MADE_BY)
+    config = files.config()
     for key in ("model", "classes", "preprocessing"):
         if key not in config:
-            raise ValueError(f"{path}: missing the {key!r} entry")
+            raise ArtifactError(f"{files.where(filenames.CONFIG)}: missing the {key!r} entry")
     return config
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_classifier_artifact(directory: str | os.PathLike[str]) -> ClassifierArtifact:
-    """Load a classifier artifact, verifying its sha256; the model comes back in eval mode.
+def load_classifier_artifact(directory: Where | ArtifactFiles,
+                             s3_endpoint: str | None = None) -> ClassifierArtifact:
+    """Load a classifier artifact (a folder, or its files already read), verifying its sha256;
+    the model comes back in eval mode.
 
     Weights load with ``torch.load(weights_only=True)``: an artifact from a stranger cannot
-    run code. Missing files raise FileNotFoundError, corrupt ones ValueError, each naming
-    the file.
+    run code. Every problem is an :class:`~cxrfactory.weights.ArtifactError` (or a
+    ``WeightsError``) naming the file.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"classifier artifact directory not found: {directory}")
-    weights_path, sha_path = directory / filenames.CLASSIFIER_WEIGHTS, directory / filenames.SHA256
-    for path in (weights_path, sha_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier artifact lacks {path.name}: {path}")
-    config = read_classifier_config(directory)
-    expected = sha_path.read_text().strip()
-    actual = _sha256_of(weights_path)
-    if actual != expected:
-        raise ValueError(
-            f"{weights_path}: sha256 {actual} does not match {sha_path} ({expected or 'empty'}); "
-            f"the file is corrupt or was replaced"
-        )
+    files = (directory if isinstance(directory, ArtifactFiles)
+             else read_classifier_files(directory, s3_endpoint))
+    config = read_classifier_config(files)
+    where = files.where(filenames.CONFIG)
     try:
         model_config = DenseNetConfig(**config["model"])
         preprocessing = Preprocessing.from_dict(config["preprocessing"])
         classes = tuple(str(name) for name in config["classes"])
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{directory / filenames.CONFIG}: {error}") from None
+        raise ArtifactError(f"{where}: {error}") from None
     if len(classes) != model_config.num_classes:
-        raise ValueError(
-            f"{directory / filenames.CONFIG}: {len(classes)} classes for "
-            f"{model_config.num_classes} outputs"
-        )
+        raise ArtifactError(f"{where}: {len(classes)} classes for {model_config.num_classes} outputs")
     model = XrayDenseNet(model_config)
-    load_weights_file(model, weights_path)
+    load_state(model, files.state_dict(), files.where(filenames.CLASSIFIER_WEIGHTS))
     model.eval()
-    return ClassifierArtifact(model, classes, preprocessing, actual)
+    return ClassifierArtifact(model, classes, preprocessing, files.sha256)

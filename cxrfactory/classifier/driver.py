@@ -18,21 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cxrfactory import filenames
 from cxrfactory import shards
 from cxrfactory.classifier.artifact import save_classifier_artifact
 from cxrfactory.classifier.config import (
-    ARCHITECTURES,
+    NETWORK_SIZES,
     SCORE_METRIC,
     ClassifierConfig,
     ClassifierError,
     ClassifierTrainingError,
 )
 from cxrfactory.classifier.data import build_datasets, expected_positives, plan_mix
+from cxrfactory.errors import find_user_error
 from cxrfactory.models.densenet import densenet121_xray
-from cxrfactory.storage import Location, check_readable, resolve
+from cxrfactory.storage import Location, check_readable, check_writable, resolve
+from cxrfactory.weights import load_weights
 
 
 
@@ -40,7 +40,7 @@ from cxrfactory.storage import Location, check_readable, resolve
 class TrainedClassifier:
     """What a finished run leaves: the artifact and the epoch it was taken from."""
 
-    artifact: str  # the classifier artifact folder (FDD's --classifier)
+    artifact: str  # the classifier artifact folder or s3:// prefix (FDD's --classifier)
     sha256: str  # of its weights
     epoch: int  # the epoch of the best checkpoint
     metrics: dict[str, Any]  # that epoch's training and validation metrics
@@ -65,18 +65,6 @@ def _check_resumable(run: Location, config: ClassifierConfig) -> None:
                 f"run {config.run_name!r} in {run.uri} was started with other settings "
                 f"({', '.join(changed)}); give another --run-name to start afresh")
     saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-
-
-def _worker_resources(config: ClassifierConfig) -> dict[str, float]:
-    """CPUs per worker: 1, or a fraction on a small cluster, so Ray Data keeps one CPU for
-    reading and decoding (training workers' CPUs come out of Data's budget)."""
-    import ray
-
-    cpus = config.cpus_per_worker
-    if cpus is None:
-        total = ray.cluster_resources().get("CPU", 1.0)
-        cpus = 1.0 if config.use_gpu else min(1.0, max(total - 1.0, 0.25) / config.num_workers)
-    return {"CPU": cpus, **({"GPU": 1.0} if config.use_gpu else {})}
 
 
 def _root_cause(error: BaseException) -> str:
@@ -108,11 +96,11 @@ def train_classifier(config: ClassifierConfig,
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cxrfactory.raydata import quiet_datasets
+    from cxrfactory.metrics.classification import jsonable
+    from cxrfactory.raydata import quiet_datasets, train_worker_resources
     from cxrfactory.runtime import init_ray
     from cxrfactory.classifier.worker import (
         inverse_frequency_weights,
-        jsonable,
         read_history,
         train_loop_per_worker,
     )
@@ -124,6 +112,8 @@ def train_classifier(config: ClassifierConfig,
         log(f"[classifier] note: {note}")
     log(f"[classifier] rows per epoch ({config.mode}, {config.arch} at {config.resolution} px):\n"
         + mix.describe())
+    out = resolve(config.out, config.s3_endpoint)
+    check_writable(out)  # before Ray starts: a bad output fails in a second, not after start-up
     init_ray()
     if config.use_gpu and not ray.cluster_resources().get("GPU"):
         raise ClassifierError("--use-gpu asks for GPUs but the Ray cluster has none")
@@ -132,9 +122,7 @@ def train_classifier(config: ClassifierConfig,
         counts = mix.class_counts() if config.mode == "multiclass" else expected_positives(config, mix)
         weights = inverse_frequency_weights(counts, config.mode, sum(mix.class_counts()))
         log("[classifier] class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(mix.classes, weights)))
-    out = Path(config.out).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    storage = resolve(config.storage or str(out / "runs"), config.s3_endpoint)
+    storage = resolve(config.storage or out.join("runs").uri, config.s3_endpoint)
     run = storage.join(config.run_name)
     _check_resumable(run, config)
     metrics_uri = run.join(filenames.METRICS).uri
@@ -147,7 +135,9 @@ def train_classifier(config: ClassifierConfig,
         train_loop_config={"config": config.to_dict(), "classes": list(mix.classes),
                            "class_weights": weights, "metrics_uri": metrics_uri},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=_worker_resources(config)),
+                                     resources_per_worker=train_worker_resources(
+                                         num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         cpus_per_worker=config.cpus_per_worker)),
         run_config=RunConfig(
             name=config.run_name, storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
@@ -159,19 +149,23 @@ def train_classifier(config: ClassifierConfig,
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
+        if (user_error := find_user_error(error)) is not None:
+            raise user_error from error  # e.g. a full disk in a worker: one line, exit status 2
         raise ClassifierTrainingError(f"training failed after {config.max_failures} recovery "
                                       f"attempt(s): {_root_cause(error)}") from error
 
     # Export the best checkpoint with its preprocessing
     checkpoint, metrics = _best(result)
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / filenames.STATE, map_location="cpu", weights_only=True)
-    model = densenet121_xray(num_classes=len(mix.classes), **ARCHITECTURES[config.arch])
+        state_path = Path(directory) / filenames.STATE
+        state = load_weights(state_path.read_bytes(), source=str(state_path),
+                             made_by="jobs/train_classifier.py (its run checkpoints)")
+    model = densenet121_xray(num_classes=len(mix.classes), **NETWORK_SIZES[config.arch])
     model.load_state_dict(state["model"])
     history = read_history(metrics_uri, config.s3_endpoint)
-    (out / filenames.METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+    out.join(filenames.METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
     best = jsonable(dict(metrics))
-    artifact = out / filenames.CLASSIFIER
+    artifact = out.join(filenames.CLASSIFIER)
     sha = save_classifier_artifact(
         artifact, model, mix.classes, config.preprocessing,
         extra={"training": config.to_dict(), "epoch": int(state["epoch"]), "validation": best,
@@ -179,4 +173,4 @@ def train_classifier(config: ClassifierConfig,
     log(f"[classifier] best epoch {int(state['epoch'])}: val macro AUROC "
         f"{best.get(SCORE_METRIC)}, accuracy {best.get('val_accuracy')}; artifact {artifact} "
         f"(sha256 {sha[:12]})")
-    return TrainedClassifier(str(artifact), sha, int(state["epoch"]), best, history)
+    return TrainedClassifier(artifact.uri, sha, int(state["epoch"]), best, history)

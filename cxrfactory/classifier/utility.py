@@ -16,19 +16,25 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cxrfactory.labels import multi_hot
-from cxrfactory.metrics.classification import classification_metrics
-from cxrfactory.classifier.artifact import load_classifier_artifact
+from cxrfactory.metrics.classification import classification_metrics, jsonable
+from cxrfactory import filenames
+from cxrfactory.classifier.artifact import (
+    load_classifier_artifact,
+    read_classifier_config,
+    read_classifier_files,
+)
 from cxrfactory.raydata import read_shards
-from cxrfactory.classifier.config import ClassifierConfig
+from cxrfactory.classifier.config import ClassifierConfig, ClassifierError
 from cxrfactory.classifier.driver import train_classifier
 from cxrfactory.models.densenet import decode_images
+from cxrfactory.storage import resolve
+from cxrfactory.weights import ArtifactFiles
 
 ARMS = ("real", "real+synthetic")
 
@@ -36,8 +42,8 @@ ARMS = ("real", "real+synthetic")
 class TestScorer:
     """Ray Data stage: shard rows -> the classifier's logits, label index and multi-hot targets."""
 
-    def __init__(self, artifact: str) -> None:
-        self.loaded = load_classifier_artifact(artifact)
+    def __init__(self, artifact: ArtifactFiles) -> None:
+        self.loaded = load_classifier_artifact(artifact)  # the files' bytes, read on the driver
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model, classes, prep = self.loaded.model, self.loaded.classes, self.loaded.preprocessing
@@ -52,18 +58,20 @@ class TestScorer:
 
 def score_split(artifact: str, real: str, split: str, *, s3_endpoint: str | None = None,
                 batch_size: int = 64) -> dict[str, Any]:
-    """Per-class AUROC, accuracy and confusion of a classifier artifact on one real split."""
-    loaded = load_classifier_artifact(artifact)
+    """Per-class AUROC, accuracy and confusion of a classifier artifact (a folder or
+    ``s3://`` prefix) on one real split."""
+    files = read_classifier_files(artifact, s3_endpoint)
+    loaded = load_classifier_artifact(files)
     ds, _ = read_shards(real, split=split, classes=list(loaded.classes), s3_endpoint=s3_endpoint,
                         columns=["image", "label", "findings"])
-    rows = ds.map_batches(TestScorer, fn_constructor_kwargs={"artifact": artifact},
+    rows = ds.map_batches(TestScorer, fn_constructor_kwargs={"artifact": files},
                           batch_size=batch_size, concurrency=1, num_cpus=1).take_all()
     if not rows:
-        raise ValueError(f"{real} has no {split} rows for the classes {', '.join(loaded.classes)}")
+        raise ClassifierError(f"{real} has no {split} rows for the classes {', '.join(loaded.classes)}")
     logits = np.stack([r["logits"] for r in rows])
     labels = np.array([r["label"] for r in rows])
     targets = np.stack([r["targets"] for r in rows])
-    mode = _artifact_extra(artifact).get("training", {}).get("mode", "multiclass")
+    mode = read_classifier_config(files).get("extra", {}).get("training", {}).get("mode", "multiclass")
     metrics = classification_metrics(logits, labels, targets, loaded.classes, mode)
     metrics["n_test"] = {c: int((labels == i).sum()) for i, c in enumerate(loaded.classes)}
     return metrics
@@ -79,17 +87,17 @@ def evaluate_utility(base: ClassifierConfig, synthetic: Sequence[str], target_pe
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train both arms, score both on the real ``split``; returns (and writes) utility.json."""
     if target_per_class < 1:
-        raise ValueError(f"--target-per-class must be positive, got {target_per_class}")
+        raise ClassifierError(f"--target-per-class must be positive, got {target_per_class}")
     if not synthetic:
-        raise ValueError("give at least one synthetic shard folder (--synthetic URI)")
-    out_dir = Path(out).expanduser().absolute()
+        raise ClassifierError("give at least one synthetic shard folder (--synthetic URI)")
+    out_dir = resolve(out, base.s3_endpoint)
     arms = {
         # Both arms cap every class at the same rows per epoch; only the mixed arm can fill
         # the rare classes up to it, with synthetic rows: that is what balancing buys.
-        "real": dataclasses.replace(base, out=str(out_dir / "real"), synthetic=(),
+        "real": dataclasses.replace(base, out=out_dir.join("real").uri, synthetic=(),
                                     synthetic_ratio=None, balance_per_class=target_per_class,
                                     run_name="utility-real"),
-        "real+synthetic": dataclasses.replace(base, out=str(out_dir / "real+synthetic"),
+        "real+synthetic": dataclasses.replace(base, out=out_dir.join("real+synthetic").uri,
                                               synthetic=tuple(synthetic), synthetic_ratio=None,
                                               balance_per_class=target_per_class,
                                               run_name="utility-mixed"),
@@ -107,7 +115,7 @@ def evaluate_utility(base: ClassifierConfig, synthetic: Sequence[str], target_pe
             "accuracy": scores["accuracy"], "class_accuracy": scores["class_accuracy"],
             "n_test": scores["n_test"], "artifact": trained.artifact,
             "n_train": {c: int(n) for c, n in
-                        _artifact_extra(trained.artifact).get("rows_per_epoch", {}).items()},
+                        _artifact_extra(trained.artifact, config.s3_endpoint).get("rows_per_epoch", {}).items()},
         }
         log(f"[utility] arm {name!r}: test macro AUROC {scores['macro_auroc']:.3f}")
     real, mixed = result["arms"]["real"], result["arms"]["real+synthetic"]
@@ -116,32 +124,19 @@ def evaluate_utility(base: ClassifierConfig, synthetic: Sequence[str], target_pe
     result["delta"] = {c: _diff(mixed["auroc"].get(c), real["auroc"].get(c)) for c in classes}
     result["macro_delta"] = _diff(mixed["macro_auroc"], real["macro_auroc"])
     result["rare_classes"] = rare_classes({c: real["n_train"].get(c, 0) for c in classes})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from cxrfactory.storage import resolve
-
-    resolve(out_dir / "utility.json").write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
+    out_dir.join(filenames.UTILITY).write_text(json.dumps(jsonable(result), indent=2) + "\n")
     return result
 
 
-def _artifact_extra(artifact: str) -> dict[str, Any]:
+def _artifact_extra(artifact: str, s3_endpoint: str | None) -> dict[str, Any]:
     """What the classifier's trainer recorded beside the weights (training config, rows)."""
-    return json.loads((Path(artifact) / "config.json").read_text()).get("extra", {})
+    return read_classifier_config(artifact, s3_endpoint).get("extra", {})
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or math.isnan(a) or math.isnan(b):
         return None
     return float(a - b)
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def format_table(result: dict[str, Any]) -> str:

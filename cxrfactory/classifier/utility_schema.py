@@ -84,6 +84,68 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+class _Checks:
+    """Collects every problem of one document (the error names them all, not only the first)."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = classes
+        self.problems: list[str] = []
+
+    def per_class(self, mapping: Any, where: str, kind: str) -> dict[str, Any]:
+        """``{class: number or null}`` (kind "number") or ``{class: count}`` (kind "count")."""
+        if not isinstance(mapping, Mapping):
+            self.problems.append(f"{where} must be an object keyed by class")
+            return {}
+        missing = [c for c in self.classes if c not in mapping]
+        if missing and kind != "count":  # counts are shown, not compared: a gap is a dash
+            self.problems.append(f"{where} lacks {', '.join(missing)}")
+        out = {}
+        for c in (c for c in self.classes if c in mapping):
+            value = mapping[c]
+            if kind == "count":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    self.problems.append(f"{where}[{c}] must be a count, got {value!r}")
+                out[c] = value
+                continue
+            try:
+                out[c] = _number(value)
+            except TypeError:
+                self.problems.append(f"{where}[{c}] must be a number or null, got {value!r}")
+        return out
+
+    def scalar(self, value: Any, where: str) -> float | None:
+        try:
+            return _number(value)
+        except TypeError:
+            self.problems.append(f"{where} must be a number or null, got {value!r}")
+            return None
+
+    def arms(self, arms_in: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(arms_in, Mapping) or any(a not in arms_in for a in ARMS):
+            self.problems.append(f"'arms' must hold {' and '.join(map(repr, ARMS))}")
+            return {}
+        arms = {}
+        for arm in ARMS:
+            body = arms_in[arm] if isinstance(arms_in[arm], Mapping) else {}
+            arms[arm] = {"auroc": self.per_class(body.get("auroc"), f"arms[{arm}].auroc", "number"),
+                         "macro_auroc": self.scalar(body.get("macro_auroc"), f"arms[{arm}].macro_auroc"),
+                         "n_train": self.per_class(body.get("n_train"), f"arms[{arm}].n_train", "count")}
+        return arms
+
+    def deltas(self, arms: dict[str, dict[str, Any]], delta: dict[str, Any],
+               macro_delta: float | None) -> None:
+        """What a schema cannot say: the deltas are the differences of the AUROCs beside them."""
+        for c in self.classes:
+            a, b = arms["real"]["auroc"][c], arms["real+synthetic"]["auroc"][c]
+            expected = None if a is None or b is None else b - a
+            if (expected is None) != (delta[c] is None) or (
+                    expected is not None and abs(expected - delta[c]) > DELTA_TOLERANCE):
+                self.problems.append(f"delta[{c}] = {delta[c]!r} but the AUROCs give {expected!r}")
+        a, b = arms["real"]["macro_auroc"], arms["real+synthetic"]["macro_auroc"]
+        if None not in (a, b, macro_delta) and abs((b - a) - macro_delta) > DELTA_TOLERANCE:
+            self.problems.append(f"macro_delta = {macro_delta!r} but the macro AUROCs give {b - a!r}")
+
+
 def validate_utility(data: Any, source: str = "utility.json") -> dict[str, Any]:
     """Check ``data`` against the contract; return it with NaN replaced by None.
 
@@ -91,74 +153,24 @@ def validate_utility(data: Any, source: str = "utility.json") -> dict[str, Any]:
     """
     if not isinstance(data, Mapping):
         raise UtilityFormatError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    problems: list[str] = []
     classes = data.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
             and len(set(classes)) == len(classes)):
         raise UtilityFormatError(f"{source}: 'classes' must be a non-empty list of distinct names")
-
-    def per_class(mapping: Any, where: str, kind: str) -> dict[str, Any]:
-        if not isinstance(mapping, Mapping):
-            problems.append(f"{where} must be an object keyed by class")
-            return {}
-        missing = [c for c in classes if c not in mapping]
-        if missing and kind != "count":  # counts are shown, not compared: a gap is a dash
-            problems.append(f"{where} lacks {', '.join(missing)}")
-        out = {}
-        for c in classes:
-            if c not in mapping:
-                continue
-            value = mapping[c]
-            if kind == "count":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems.append(f"{where}[{c}] must be a count, got {value!r}")
-                out[c] = value
-            else:
-                try:
-                    out[c] = _number(value)
-                except TypeError:
-                    problems.append(f"{where}[{c}] must be a number or null, got {value!r}")
-        return out
-
-    def scalar(value: Any, where: str) -> float | None:
-        try:
-            return _number(value)
-        except TypeError:
-            problems.append(f"{where} must be a number or null, got {value!r}")
-            return None
-
-    arms_in = data.get("arms")
-    arms: dict[str, dict[str, Any]] = {}
-    if not isinstance(arms_in, Mapping) or any(a not in arms_in for a in ARMS):
-        problems.append(f"'arms' must hold {' and '.join(map(repr, ARMS))}")
-    else:
-        for arm in ARMS:
-            body = arms_in[arm] if isinstance(arms_in[arm], Mapping) else {}
-            arms[arm] = {"auroc": per_class(body.get("auroc"), f"arms[{arm}].auroc", "number"),
-                         "macro_auroc": scalar(body.get("macro_auroc"), f"arms[{arm}].macro_auroc"),
-                         "n_train": per_class(body.get("n_train"), f"arms[{arm}].n_train", "count")}
-    delta = per_class(data.get("delta"), "delta", "number")
-    macro_delta = scalar(data.get("macro_delta"), "macro_delta")
+    check = _Checks(classes)
+    arms = check.arms(data.get("arms"))
+    delta = check.per_class(data.get("delta"), "delta", "number")
+    macro_delta = check.scalar(data.get("macro_delta"), "macro_delta")
     rare = data.get("rare_classes")
     if not isinstance(rare, list) or any(c not in classes for c in rare):
-        problems.append(f"'rare_classes' must list classes of 'classes', got {rare!r}")
+        check.problems.append(f"'rare_classes' must list classes of 'classes', got {rare!r}")
     config = data.get("config", {})
     if not isinstance(config, Mapping):
-        problems.append("'config' must be an object")
-
-    # What a schema cannot say: the deltas are the differences of the AUROCs they sit next to.
-    if not problems:
-        for c in classes:
-            a, b = arms["real"]["auroc"][c], arms["real+synthetic"]["auroc"][c]
-            expected = None if a is None or b is None else b - a
-            if (expected is None) != (delta[c] is None) or (
-                    expected is not None and abs(expected - delta[c]) > DELTA_TOLERANCE):
-                problems.append(f"delta[{c}] = {delta[c]!r} but the AUROCs give {expected!r}")
-        a, b = arms["real"]["macro_auroc"], arms["real+synthetic"]["macro_auroc"]
-        if None not in (a, b, macro_delta) and abs((b - a) - macro_delta) > DELTA_TOLERANCE:
-            problems.append(f"macro_delta = {macro_delta!r} but the macro AUROCs give {b - a!r}")
-    if problems:
+        check.problems.append("'config' must be an object")
+    if not check.problems:
+        check.deltas(arms, delta, macro_delta)
+    if check.problems:
         raise UtilityFormatError(f"{source} does not follow the utility.json contract: "
-                                 + "; ".join(problems))
-    return {"classes": list(classes), "arms": {**dict(arms_in), **arms}, "delta": delta,
+                                 + "; ".join(check.problems))
+    return {"classes": list(classes), "arms": {**dict(data["arms"]), **arms}, "delta": delta,
             "macro_delta": macro_delta, "rare_classes": list(rare), "config": dict(config)}

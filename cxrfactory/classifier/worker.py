@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrfactory import filenames
-from cxrfactory.metrics.classification import classification_metrics
+from cxrfactory.metrics.classification import classification_metrics, jsonable
 from cxrfactory.storage import resolve
 from cxrfactory.classifier.config import ClassifierConfig, build_model
+from cxrfactory.weights import load_weights
 
 
 
@@ -68,17 +69,6 @@ def inverse_frequency_weights(counts: Sequence[int], mode: str, total: int) -> l
     if mode == "multiclass":
         return [total / (k * n) if n else 0.0 for n in counts]
     return [(total - n) / n if n else 0.0 for n in counts]
-
-
-def jsonable(value: Any) -> Any:
-    """Metrics -> strict JSON values (NaN, an undefined AUROC, becomes null)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def read_history(uri: str, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
@@ -155,7 +145,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / filenames.STATE, map_location="cpu", weights_only=True)
+            state_path = Path(directory) / filenames.STATE
+            state = load_weights(state_path.read_bytes(), source=str(state_path),
+                                 made_by="jobs/train_classifier.py (its run checkpoints)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

@@ -35,8 +35,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cxrfactory.dataset_card import finish_set
 from cxrfactory.errors import UserError
 from cxrfactory import filenames
+from cxrfactory.images import encode_png, to_grayscale
 from cxrfactory import labels as L
 from cxrfactory import shards
 from cxrfactory.storage import Location, check_writable, resolve
@@ -49,7 +51,7 @@ class IngestError(UserError, ValueError):
     """Input that cannot be ingested, with what was expected."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class IngestConfig:
     """Everything that defines an ingest's output."""
 
@@ -66,7 +68,7 @@ class IngestConfig:
     command: str | None = None  # the command line that asked for it (for the dataset card)
 
     def __post_init__(self) -> None:
-        self.classes = L.validate_classes(self.classes)
+        object.__setattr__(self, "classes", L.validate_classes(self.classes))
         if self.resolution < 8:
             raise IngestError(f"--resolution must be at least 8 px, got {self.resolution}")
         if self.rows_per_file < 1:
@@ -219,7 +221,7 @@ def load_resized(path: str, resolution: int) -> np.ndarray:
     """Read any PNG NIH ships (L, RGBA, 16-bit) and resize with antialiasing to a square."""
     with Image.open(path) as img:
         img.load()  # decode now: truncated files fail here, not later
-        gray = shards.to_grayscale(img)
+        gray = to_grayscale(img)
         if gray.size != (resolution, resolution):
             gray = gray.resize((resolution, resolution), Image.Resampling.LANCZOS,
                                reducing_gap=3.0)
@@ -241,7 +243,7 @@ def write_shard_task(task: dict[str, Any], *, out: str, resolution: int, source:
             continue
         rows.append({
             "image_id": rec["image_id"],
-            "image": {"bytes": shards.encode_png(pixels), "path": rec["image_id"]},
+            "image": {"bytes": encode_png(pixels), "path": rec["image_id"]},
             "label": task["label"],
             "findings": [L.nih_to_class(f) for f in rec["findings"]],
             "split": rec["split"],
@@ -271,10 +273,23 @@ def check_source(nih_root: str) -> tuple[Path, Path]:
     return root, find_metadata_csv(root)
 
 
-def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.Manifest:
-    """Run the whole ingest; returns the manifest (also written to ``<out>/_manifest.json``)."""
-    import ray  # the only Ray use here: the parallel shard writer
+@dataclass
+class IngestRun:
+    """A validated, planned ingest whose output folder is ready (:func:`prepare_ingest`)."""
 
+    config: IngestConfig
+    out: Location
+    source: str  # "nih" or "phantom"
+    tasks: list[ShardTask]  # every shard of the finished set
+    todo: list[ShardTask]  # the shards still missing
+    identity: dict[str, Any]  # what the output's fingerprint is made of
+    skipped: list[dict]  # rows listed in the CSV whose image is missing
+    complete: shards.Manifest | None  # the manifest when the folder is already finished
+
+
+def prepare_ingest(config: IngestConfig, log: Callable[[str], None] = print) -> IngestRun:
+    """Read and check the CSV, find the images, plan the shards and make the output ready:
+    every check on the input, before Ray starts (no Ray here)."""
     root, csv_path = check_source(config.nih_root)
     metadata = read_metadata(csv_path)
     images = find_images(root)
@@ -306,28 +321,41 @@ def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.M
     out = resolve(config.out, config.s3_endpoint)
     check_writable(out)
     state = shards.prepare_output(out, identity, overwrite=config.overwrite)
-    if state["complete"] is not None:
-        log(f"[ingest] {out.uri} is already complete; nothing to do")
-        log(shards.format_count_table(state["complete"]))
-        return state["complete"]
     todo = [t for t in tasks if t.path not in state["existing"]]
-    log(f"[ingest] {len(tasks)} shard(s) planned, {len(tasks) - len(todo)} already written, "
-        f"{len(todo)} to write")
+    return IngestRun(config, out, source, tasks, todo, identity, skipped, state["complete"])
 
-    if todo:
+
+def run_ingest(run: IngestRun, log: Callable[[str], None] = print) -> shards.Manifest:
+    """Write the missing shards on Ray Data (Ray must be up, or starts locally), then the
+    manifest; returns it."""
+    config, out = run.config, run.out
+    if run.complete is not None:
+        log(f"[ingest] {out.uri} is already complete; nothing to do")
+        log(shards.format_count_table(run.complete))
+        return run.complete
+    log(f"[ingest] {len(run.tasks)} shard(s) planned, {len(run.tasks) - len(run.todo)} already "
+        f"written, {len(run.todo)} to write")
+    if run.todo:
+        import ray  # the only Ray use here: the parallel shard writer
+
         started = time.time()
         results = (
-            ray.data.from_items([asdict(t) for t in todo], override_num_blocks=len(todo))
+            ray.data.from_items([asdict(t) for t in run.todo], override_num_blocks=len(run.todo))
             .map(write_shard_task, num_cpus=1, fn_kwargs={
-                "out": config.out, "resolution": config.resolution, "source": source,
+                "out": config.out, "resolution": config.resolution, "source": run.source,
                 "s3_endpoint": config.s3_endpoint})
             .take_all()
         )
         n = sum(r["written"] for r in results)
         log(f"[ingest] wrote {len(results)} shard(s), {n} images in {time.time() - started:.1f}s")
 
-    manifest = _manifest_from_shards(out, tasks, source, config, identity, skipped)
-    shards.write_manifest(out, manifest)
+    # Counts come from the files themselves, so a resumed run reports exactly what exists.
+    manifest = shards.manifest_from_shards(
+        out, [(t.path, t.split) for t in run.tasks], source=run.source, classes=config.classes,
+        config=config, skipped=run.skipped,
+        extra={"fingerprint": shards.fingerprint(run.identity), "resolution": config.resolution,
+               "command": config.command})
+    finish_set(out, manifest)
     bad = len(manifest.skipped)
     log(f"[ingest] {out.uri}: {manifest.total()} images"
         + (f", {bad} skipped (listed in {filenames.MANIFEST})" if bad else ""))
@@ -335,27 +363,7 @@ def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.M
     return manifest
 
 
-def _manifest_from_shards(out: Location, tasks: list[ShardTask], source: str,
-                          config: IngestConfig, identity: dict, skipped: list[dict]) -> shards.Manifest:
-    """Counts come from the files themselves, so a resumed run reports exactly what exists."""
-    counts: dict[str, dict[str, int]] = {}
-    skipped = list(skipped)
-    for task in tasks:
-        _, shard_skipped = shards.shard_footer(out.join(task.path))
-        skipped_files = {s["path"] for s in shard_skipped}
-        for rec in task.rows:
-            if rec["file"] not in skipped_files:
-                per_class = counts.setdefault(rec["split"], {c: 0 for c in config.classes})
-                per_class[task.label] += 1
-        skipped.extend(shard_skipped)
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
-    return shards.Manifest(
-        source=source,
-        classes=list(config.classes),
-        counts={s: counts[s] for s in (*shards.SPLITS,) if s in counts},
-        files=[t.path for t in tasks],
-        skipped=skipped,
-        config=cfg,
-        extra={"fingerprint": shards.fingerprint(identity), "resolution": config.resolution,
-               "command": config.command},
-    )
+def ingest(config: IngestConfig, log: Callable[[str], None] = print) -> shards.Manifest:
+    """Run the whole ingest: :func:`prepare_ingest` then :func:`run_ingest`; returns the
+    manifest (also written to ``<out>/_manifest.json``)."""
+    return run_ingest(prepare_ingest(config, log), log)

@@ -67,8 +67,6 @@ import io
 import json
 import multiprocessing
 import os
-import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -89,10 +87,12 @@ from cxrfactory.data.phantom_anatomy import (
     PhantomSpec,
 )
 from cxrfactory.data.phantom_render import render
+from cxrfactory.images import PNG_COMPRESS_LEVEL, encode_png
+from cxrfactory.storage import is_temporary, resolve
 
 __all__ = [
     "CSV_NAME", "MIN_RESOLUTION", "NIH_HEADER", "NIH_SINGLE_LABEL_COUNTS",
-    "LesionBox", "PhantomConfig", "PhantomError", "PhantomSpec", "encode_png",
+    "LesionBox", "PhantomConfig", "PhantomError", "PhantomSpec",
     "is_phantom_folder", "make_phantom_folder", "packaged_bboxes", "packaged_metadata",
     "read_bboxes", "render", "sample_specs", "specs_from_metadata", "write_phantom_folder",
 ]
@@ -107,13 +107,9 @@ CSV_NAME = "Data_Entry_2017.csv"
 #: NIH's header, verbatim: its bracketed names hold commas, so they read as two columns each.
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
-#: Marks a folder as written by this module (ingest reads it to tag rows as phantoms).
-#: zlib level of the PNGs: noisy images gain little from more effort, which costs 3x the time.
-PNG_COMPRESS_LEVEL = 1
 
 _REQUIRED = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
              "Patient Gender", "View Position")
-_TEMP_SUFFIX = ".tmp"
 
 
 class PhantomError(UserError, ValueError):
@@ -347,43 +343,11 @@ class PhantomConfig:
 # Folders
 # --------------------------------------------------------------------------------------------
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """8-bit grayscale PNG bytes of a uint8 (H, W) image (deterministic).
-
-    Written by hand with PNG's "Up" filter on every row: Pillow tries all five filters per
-    row, which triples the encoding time for files only 3 % smaller.
-    """
-    if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"expected a uint8 (H, W) image, got {image.dtype} {image.shape}")
-    height, width = image.shape
-    rows = np.empty((height, width + 1), dtype=np.uint8)
-    rows[:, 0] = 2  # filter type Up: each byte minus the one above, modulo 256
-    rows[0, 1:] = image[0]
-    np.subtract(image[1:], image[:-1], out=rows[1:, 1:])
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL))
-            + _png_chunk(b"IEND", b""))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name and rename: the file appears whole or not at all."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
-
-
 def _render_chunk(specs: Sequence[PhantomSpec], resolution: int, images_dir: str) -> int:
     """Render, encode and write a chunk of specs (runs in a worker process)."""
     folder = Path(images_dir)
     for spec in specs:
-        _write_atomic(folder / spec.image_id, encode_png(render(spec, resolution)))
+        resolve(folder / spec.image_id).write_bytes(encode_png(render(spec, resolution)))
     return len(specs)
 
 
@@ -457,14 +421,14 @@ def write_phantom_folder(out_dir: str | os.PathLike[str], specs: Sequence[Phanto
     images.mkdir(parents=True, exist_ok=True)
     (out / CSV_NAME).unlink(missing_ok=True)  # from here until the end the folder is incomplete
     for stale in images.iterdir():
-        if stale.name.endswith(_TEMP_SUFFIX) or (not resume and stale.suffix == ".png"):
+        if is_temporary(stale.name) or (not resume and stale.suffix == ".png"):
             stale.unlink()
     if not resume:
-        _write_atomic(out / filenames.PHANTOM_MARKER, json.dumps({
+        resolve(out / filenames.PHANTOM_MARKER).write_text(json.dumps({
             "format": 1, "source": "phantom", "renderer_version": RENDERER_VERSION,
             "resolution": resolution, "num_images": len(specs), "specs_sha256": fingerprint,
             "config": config or {},
-        }, indent=2).encode())
+        }, indent=2))
 
     todo = list(specs)
     if resume:
@@ -480,7 +444,7 @@ def write_phantom_folder(out_dir: str | os.PathLike[str], specs: Sequence[Phanto
             for _ in pool.map(_render_chunk, chunks, [resolution] * len(chunks),
                               [str(images)] * len(chunks)):
                 pass
-    _write_atomic(out / CSV_NAME, _csv_bytes(specs, resolution))
+    resolve(out / CSV_NAME).write_bytes(_csv_bytes(specs, resolution))
     return out
 
 

@@ -245,33 +245,55 @@ def _side_of(box: LesionBox | None, rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2)) if box is None else int(box.center[0] >= 0.5)
 
 
+def _atelectasis(c: Chest, spec: PhantomSpec, rng: np.random.Generator) -> tuple[Chest, tuple]:
+    """The lifted dome (and heart) and the plate-like band of a collapsed lower lobe."""
+    cm = 1.0 / CM_PER_IMAGE
+    box = _box_for(spec, "Atelectasis")
+    side = _side_of(box, rng)
+    domes = list(c.dome_y)
+    lift = rng.uniform(0.06, 0.08)
+    domes[side] -= lift
+    # the heart rests on the left hemidiaphragm (image right) and rises with it
+    c = dataclasses.replace(c, dome_y=(domes[0], domes[1]),
+                            heart_y=c.heart_y - (lift if side == 1 else 0.0),
+                            shift=SIGNS[side] * rng.uniform(0.01, 0.015))
+    length, thick = rng.uniform(5.0, 7.0) * cm, rng.uniform(1.4, 1.8) * cm
+    y = c.dome_y[side] - rng.uniform(0.06, 0.1)
+    if box is not None:  # NIH's box sets the height, kept within the lower half
+        y = float(np.clip(box.center[1], c.apex_y + 0.5 * (c.dome_y[side] - c.apex_y),
+                          c.dome_y[side] - 0.05))
+    # beside a heart the lower lung may be too narrow: move up until the band fits
+    for _ in range(8):
+        x, fits = _plate_in_lung(c, side, y, length, 0.5 * thick + 0.01, rng)
+        if fits >= length:
+            break
+        y -= 0.025
+    return c, (x, y, fits, thick, rng.uniform(-0.1, 0.1))
+
+
+def _nodules(c: Chest, spec: PhantomSpec, rng: np.random.Generator) -> tuple:
+    """One to three nodules apart from each other; the first in NIH's box when there is one."""
+    cm = 1.0 / CM_PER_IMAGE
+    count = 1 + int(rng.choice(3, p=[0.7, 0.2, 0.1]))
+    box = _box_for(spec, "Nodule")
+    nodules = []
+    for i in range(count):
+        d = rng.uniform(*NODULE_CM) * cm
+        x, y = _random_lung_point(c, rng, 0.5 * d + CLEARANCE, avoid=tuple(nodules))
+        if box is not None and i == 0:
+            x, y = box.center[0] - 0.5, box.center[1]
+            x, y = _place_in_lung(c, x, y, 0.5 * d + CLEARANCE, _side_of(box, rng))
+        nodules.append((x, y, d))
+    return tuple(nodules)
+
+
 def apply_findings(c: Chest, spec: PhantomSpec, rng: np.random.Generator) -> Chest:
     """Change the patient's chest by the spec's findings (see the module's table)."""
     changes: dict[str, object] = {}
     findings = set(spec.findings)
     cm = 1.0 / CM_PER_IMAGE  # one cm in image-side units
     if "Atelectasis" in findings:  # volume loss first: it moves the dome the others use
-        box = _box_for(spec, "Atelectasis")
-        side = _side_of(box, rng)
-        domes = list(c.dome_y)
-        lift = rng.uniform(0.06, 0.08)
-        domes[side] -= lift
-        # the heart rests on the left hemidiaphragm (image right) and rises with it
-        c = dataclasses.replace(c, dome_y=(domes[0], domes[1]),
-                                heart_y=c.heart_y - (lift if side == 1 else 0.0),
-                                shift=SIGNS[side] * rng.uniform(0.01, 0.015))
-        length, thick = rng.uniform(5.0, 7.0) * cm, rng.uniform(1.4, 1.8) * cm
-        y = c.dome_y[side] - rng.uniform(0.06, 0.1)
-        if box is not None:  # NIH's box sets the height, kept within the lower half
-            y = float(np.clip(box.center[1], c.apex_y + 0.5 * (c.dome_y[side] - c.apex_y),
-                              c.dome_y[side] - 0.05))
-        # beside a heart the lower lung may be too narrow: move up until the band fits
-        for _ in range(8):
-            x, fits = _plate_in_lung(c, side, y, length, 0.5 * thick + 0.01, rng)
-            if fits >= length:
-                break
-            y -= 0.025
-        changes["plate"] = (x, y, fits, thick, rng.uniform(-0.1, 0.1))
+        c, changes["plate"] = _atelectasis(c, spec, rng)
     if "Cardiomegaly" in findings:
         box = _box_for(spec, "Cardiomegaly")
         ctr = rng.uniform(*CARDIOMEGALY_CTR)
@@ -288,17 +310,7 @@ def apply_findings(c: Chest, spec: PhantomSpec, rng: np.random.Generator) -> Che
         changes["pneumothorax"] = (_side_of(_box_for(spec, "Pneumothorax"), rng),
                                    rng.uniform(0.55, 0.72))
     if "Nodule" in findings:
-        count = 1 + int(rng.choice(3, p=[0.7, 0.2, 0.1]))
-        box = _box_for(spec, "Nodule")
-        nodules = []
-        for i in range(count):
-            d = rng.uniform(*NODULE_CM) * cm
-            x, y = _random_lung_point(c, rng, 0.5 * d + CLEARANCE, avoid=tuple(nodules))
-            if box is not None and i == 0:
-                x, y = box.center[0] - 0.5, box.center[1]
-                x, y = _place_in_lung(c, x, y, 0.5 * d + CLEARANCE, _side_of(box, rng))
-            nodules.append((x, y, d))
-        changes["nodules"] = tuple(nodules)
+        changes["nodules"] = _nodules(c, spec, rng)
     if "Mass" in findings:
         box = _box_for(spec, "Mass")
         d = rng.uniform(*MASS_CM) * cm

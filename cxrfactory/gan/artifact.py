@@ -1,4 +1,5 @@
-"""The generator artifact: what training leaves and synthesis consumes (DESIGN "Artifacts").
+"""The generator artifact: what training leaves and synthesis consumes (docs/architecture.md,
+"Artifacts").
 
 A directory::
 
@@ -21,17 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrfactory.errors import UserError
 from cxrfactory import filenames
-from cxrfactory.config import Config, ConfigError
+from cxrfactory.gan.config import Config, ConfigError
 from cxrfactory.storage import Location, resolve
+from cxrfactory.weights import ArtifactError, ArtifactFiles, read_artifact_files
 
 #: How generator outputs map to pixels; recorded so a reader never has to guess.
 NORMALISATION = {"output_range": [-1.0, 1.0], "to_uint8": "round((x + 1) * 127.5)", "channels": 1}
-
-
-class ArtifactError(UserError, ValueError):
-    """A missing, incomplete or corrupt artifact."""
 
 
 @dataclass
@@ -85,38 +82,34 @@ def save_generator_artifact(out: str | Location, generator: nn.Module, config: C
     return digest
 
 
-def load_generator_artifact(path: str | Location, *, s3_endpoint: str | None = None,
+#: Where a good generator artifact comes from.
+MADE_BY = "jobs/train.py (<run>/generator)"
+
+
+def read_generator_files(path: str | Location, *, s3_endpoint: str | None = None) -> ArtifactFiles:
+    """The artifact's files, read once through storage and verified: what actors receive."""
+    loc = path if isinstance(path, Location) else resolve(path, s3_endpoint)
+    return read_artifact_files(loc, filenames.GENERATOR_WEIGHTS, kind="generator", made_by=MADE_BY)
+
+
+def load_generator_artifact(path: str | Location | ArtifactFiles, *, s3_endpoint: str | None = None,
                             map_location: str | torch.device = "cpu") -> GeneratorArtifact:
-    """Load and verify an artifact; every problem is an :class:`ArtifactError` naming the file."""
+    """Load and verify an artifact (a folder, or its files already read); every problem is a
+    :class:`~cxrfactory.errors.UserError` naming the file."""
     from cxrfactory.models import build_generator
 
-    loc = path if isinstance(path, Location) else resolve(path, s3_endpoint)
-    files = {}
-    for name in (filenames.GENERATOR_WEIGHTS, filenames.CONFIG, filenames.SHA256):
-        try:
-            files[name] = loc.join(name).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ArtifactError(
-                f"{loc.uri} is not a generator artifact: {name} is missing (expected "
-                f"{filenames.GENERATOR_WEIGHTS}, {filenames.CONFIG} and {filenames.SHA256}, as jobs/train.py writes them)"
-            ) from None
-    digest = sha256_bytes(files[filenames.GENERATOR_WEIGHTS])
-    expected = files[filenames.SHA256].decode(errors="replace").strip()
-    if digest != expected:
-        raise ArtifactError(f"{loc.join(filenames.GENERATOR_WEIGHTS).uri} is corrupt: its sha256 {digest[:12]}… "
-                            f"differs from the recorded {expected[:12]}…")
+    files = path if isinstance(path, ArtifactFiles) else read_generator_files(path, s3_endpoint=s3_endpoint)
+    meta = files.config()
     try:
-        meta = json.loads(files[filenames.CONFIG])
         config = Config.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
-        raise ArtifactError(f"{loc.join(filenames.CONFIG).uri} is not a valid artifact config: {exc}") from exc
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ArtifactError(f"{files.where(filenames.CONFIG)} is not a valid artifact config: {exc}") from exc
+    state = files.state_dict(map_location)
+    generator = build_generator(config)
     try:
-        state = torch.load(io.BytesIO(files[filenames.GENERATOR_WEIGHTS]), map_location=map_location,
-                           weights_only=True)
-        generator = build_generator(config)
         generator.load_state_dict(state)
-    except Exception as exc:  # any unpickling or shape error means the file is unusable
-        raise ArtifactError(f"{loc.join(filenames.GENERATOR_WEIGHTS).uri} does not load into the generator its "
-                            f"config describes: {exc}") from exc
+    except Exception as exc:  # a shape or key mismatch means the file is unusable
+        raise ArtifactError(f"{files.where(filenames.GENERATOR_WEIGHTS)} does not load into the generator "
+                            f"its config describes: {exc}") from exc
     generator.eval()
-    return GeneratorArtifact(generator, config, digest, meta)
+    return GeneratorArtifact(generator, config, files.sha256, meta)

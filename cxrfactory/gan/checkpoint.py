@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN "Artifacts"): ``state.pt`` + ``config.json`` in one directory.
+"""Training checkpoints (docs/architecture.md, "Artifacts"): ``state.pt`` + ``config.json`` in one directory.
 
 ``state.pt`` holds only tensors and plain Python values, so ``torch.load(weights_only=True)``
 reads it and a checkpoint from a stranger cannot execute code::
@@ -22,7 +22,6 @@ Directories are named ``checkpoint-<step:07d>`` inside the run folder (Ray Train
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Mapping
@@ -34,10 +33,12 @@ import torch
 
 from cxrfactory.errors import UserError
 from cxrfactory import filenames
-from cxrfactory.config import Config
+from cxrfactory.gan.config import Config
 from cxrfactory.storage import Location, resolve
+from cxrfactory.weights import load_weights
 
 CHECKPOINT_FORMAT = 1
+MADE_BY = "jobs/train.py (<run>/checkpoint-<step>)"  # where a good checkpoint comes from
 _DIR_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 
 
@@ -80,9 +81,13 @@ def read_checkpoint(directory: str | Path | Location,
         directory = Path(directory)
         state_bytes = (directory / filenames.STATE).read_bytes()
         meta_text = (directory / filenames.CONFIG).read_text()
-    state = torch.load(io.BytesIO(state_bytes), map_location=map_location, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+    source = (directory.join(filenames.STATE).uri if isinstance(directory, Location)
+              else str(directory / filenames.STATE))
+    state = load_weights(state_bytes, source=source, made_by=MADE_BY, map_location=map_location)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointMismatchError(f"{source}: checkpoint format {found!r} is not "
+                                      f"{CHECKPOINT_FORMAT}; it was not written by this trainer")
     return state, json.loads(meta_text)
 
 

@@ -32,6 +32,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from cxrfactory.errors import UserError
+from cxrfactory.images import to_grayscale
 from cxrfactory import shards
 from cxrfactory.storage import check_readable, resolve
 
@@ -65,6 +67,12 @@ class EpochPlan:
     per_class: int | None  # rows drawn per class per epoch when class-balanced, else None
     global_batch: int  # real images per step, all workers together
     num_workers: int  # data-parallel replicas
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpochPlan:
+        """The plan from ``dataclasses.asdict(plan)`` after a trip through a Ray Train loop
+        config or JSON, which may turn the classes into a list."""
+        return cls(**{**data, "classes": tuple(data["classes"])})
 
     @property
     def rows(self) -> int:
@@ -264,7 +272,7 @@ class BranchPreprocessor:
 def decode_resized(data: bytes, side: int) -> np.ndarray:
     """PNG bytes -> uint8 ``(side, side)``, antialiased (Lanczos) when the shard's side differs."""
     with Image.open(io.BytesIO(data)) as img:
-        gray = shards.to_grayscale(img)
+        gray = to_grayscale(img)
         if gray.size != (side, side):
             gray = gray.resize((side, side), Image.Resampling.LANCZOS)
         return np.asarray(gray)

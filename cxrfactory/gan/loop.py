@@ -11,7 +11,7 @@ wrap each in its own DDP, resume from Ray Train's latest checkpoint, then feed
 is one global real batch (``train.batch_size`` images split over the workers).
 
 What a run leaves in ``<storage>/<run_name>/``: Ray Train's ``checkpoint-<step>/`` directories
-(DESIGN's ``state.pt`` + ``config.json``, the last ``keep_checkpoints``), ``config.json`` (the
+(``state.pt`` + ``config.json``, docs/architecture.md "Artifacts and checkpoints", the last ``keep_checkpoints``), ``config.json`` (the
 resolved run), ``metrics.jsonl`` (one line per log interval; Ray Train V2 persists metrics only
 with checkpoints, so rank 0 writes its own), ``loss_curves.png``, ``samples/step-<step>.png``
 (one row per class, fixed noise, every branch) and at the end ``generator/``, the artifact
@@ -39,7 +39,7 @@ import torch
 
 from cxrfactory import filenames
 from cxrfactory.gan.artifact import save_generator_artifact
-from cxrfactory.config import Config
+from cxrfactory.gan.config import Config, ConfigError
 from cxrfactory.models import build_discriminators, build_generator, noise_for_seeds
 from cxrfactory.gan.plots import save_loss_curves, save_sample_grid
 from cxrfactory.storage import check_writable, resolve
@@ -81,9 +81,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
-            raise ValueError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+            raise ConfigError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.max_failures < 0 or self.keep_checkpoints < 1 or self.samples_per_class < 1:
-            raise ValueError("max_failures >= 0, keep_checkpoints >= 1 and samples_per_class >= 1 required")
+            raise ConfigError("max_failures >= 0, keep_checkpoints >= 1 and samples_per_class >= 1 required")
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,7 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cxrfactory.raydata import train_worker_resources
     from cxrfactory.runtime import init_ray
 
     plan = plan or prepare_run(config, options)
@@ -187,7 +188,7 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     init_ray()
     t = config.train
     if t.use_gpu and not ray.cluster_resources().get("GPU"):
-        raise ValueError("the config asks for GPUs (train.use_gpu) but the Ray cluster has none; "
+        raise ConfigError("the config asks for GPUs (train.use_gpu) but the Ray cluster has none; "
                          "pass --no-use-gpu or run on a GPU cluster")
     dataset = build_train_dataset(options.data, plan.epochs, config.resolutions, seed=t.seed,
                                   s3_endpoint=options.s3_endpoint)
@@ -197,7 +198,9 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
         train_loop_config={"config": config.to_dict(), "options": asdict(options),
                            "epochs": asdict(plan.epochs), "run_uri": plan.run_uri},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=_worker_resources(config, options)),
+                                     resources_per_worker=train_worker_resources(
+                                         num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         cpus_per_worker=options.cpus_per_worker)),
         run_config=RunConfig(
             name=options.run_name, storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=options.max_failures),
@@ -219,21 +222,6 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
         checkpoint_uri=run.join(posixpath.basename(result.checkpoint.path)).uri if result.checkpoint else None,
         resumed_from=m.get("resumed_from"), param_digests=list(m.get("param_digests", [])), metrics=m,
     )
-
-
-def _worker_resources(config: Config, options: RunOptions) -> dict[str, float]:
-    """CPUs per worker: 1, or a fraction when the cluster is small, so Ray Data keeps one CPU
-    for reading and decoding (training workers' CPUs come out of Data's budget)."""
-    import ray
-
-    if options.cpus_per_worker is not None:
-        cpus = options.cpus_per_worker
-    elif config.train.use_gpu:
-        cpus = 1.0
-    else:
-        total = ray.cluster_resources().get("CPU", 1.0)
-        cpus = min(1.0, max(total - 1.0, 0.25) / config.train.num_workers)
-    return {"CPU": cpus, **({"GPU": 1.0} if config.train.use_gpu else {})}
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -299,7 +287,7 @@ class _WorkerLoop:
 
         self.config = config = Config.from_dict(loop_config["config"])
         self.options = RunOptions(**loop_config["options"])
-        self.epochs = EpochPlan(**{**loop_config["epochs"], "classes": tuple(loop_config["epochs"]["classes"])})
+        self.epochs = EpochPlan.from_dict(loop_config["epochs"])
         self.run_loc = resolve(loop_config["run_uri"], self.options.s3_endpoint)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()

@@ -1,34 +1,28 @@
 """Training figures: loss curves (the paper's Fig. 2) and per-class sample grids (its Table 2).
 
 Both render with matplotlib's object API (no pyplot state, no display needed) into PNG bytes,
-so a run folder on S3 receives them with one atomic write like every other file.
+so a run folder on S3 receives them with one atomic write like every other file. matplotlib is
+imported inside the functions that draw: a Ray Train worker imports this module, and only the
+chief worker draws, every few thousand steps.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from torch import Tensor
 
+from cxrfactory.images import figure_png
 from cxrfactory.models.sampling import to_uint8
 from cxrfactory.storage import Location, resolve
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Pixels of background between sample tiles and between branch groups.
 TILE_GAP = 2
 GROUP_GAP = 8
-
-
-def _png_bytes(fig: Figure, tight: bool = False) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    # "tight" grows the canvas to the long class names on the y axis instead of clipping them.
-    fig.savefig(buf, format="png", bbox_inches="tight" if tight else None)
-    return buf.getvalue()
 
 
 def _write(out: str | Location, data: bytes) -> None:
@@ -45,6 +39,8 @@ def loss_curves_png(records: Sequence[Mapping[str, Any]], title: str = "") -> by
     Left panel: the discriminator (paper eq. 5, both heads summed); right: the generator
     (eq. 6). Thin lines are branches (64/128/256 px in the paper), thick lines the totals.
     """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
     for ax, prefix, name in zip(fig.subplots(1, 2), ("d", "g"), ("discriminator", "generator")):
         rows = [r for r in records if f"{prefix}_loss" in r]
@@ -64,7 +60,7 @@ def loss_curves_png(records: Sequence[Mapping[str, Any]], title: str = "") -> by
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 def save_loss_curves(records: Sequence[Mapping[str, Any]], out: str | Location, title: str = "") -> None:
@@ -109,6 +105,8 @@ def sample_mosaic(images: Sequence[Tensor], per_class: int) -> np.ndarray:
 def sample_grid_png(images: Sequence[Tensor], classes: Sequence[str], per_class: int,
                     title: str = "") -> bytes:
     """The mosaic with class names on the rows and each branch's resolution above its group."""
+    from matplotlib.figure import Figure
+
     mosaic = sample_mosaic(images, per_class)
     side = max(x.shape[-1] for x in images)
     if len(classes) * per_class != images[0].shape[0]:
@@ -128,7 +126,7 @@ def sample_grid_png(images: Sequence[Tensor], classes: Sequence[str], per_class:
         spine.set_visible(False)
     if title:
         ax.set_title(title, fontsize=10)
-    return _png_bytes(fig, tight=True)
+    return figure_png(fig, tight=True)  # tight: room for long class names on the y axis
 
 
 def save_sample_grid(images: Sequence[Tensor], classes: Sequence[str], per_class: int,

@@ -100,7 +100,7 @@ class Progress:
             if means.get("d_collapsed", 0.0) > 0 and not self.warned_collapse:
                 self.warned_collapse = True
                 say("[train] WARNING: the discriminator's loss collapsed (D wins, G gets almost no "
-                    "gradient); see DESIGN 'Calibration': raise the learning rate or lower gan.d_steps_per_g")
+                    "gradient); see docs/model_card.md 'Calibration': raise the learning rate or lower gan.d_steps_per_g")
         return {"step": pos.step, "epoch": pos.epoch, "images": pos.step * self.batch_size,
                 "images_per_s": rate, "step_share": share, "elapsed_s": now - self.started,
                 "resolutions": resolutions, **means}

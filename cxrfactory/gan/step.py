@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cxrfactory.config import GANConfig
+from cxrfactory.gan.config import GANConfig
 from cxrfactory.models.sampling import standing_statistics, unwrap
 from cxrfactory.gan.losses import BranchLosses, multiscale_d_loss, multiscale_g_loss, total
 
@@ -97,7 +97,7 @@ class GANTrainer:
         generator: ``G(z, c)`` -> list of images low to high (optionally DDP-wrapped); it must
             expose ``z_dim``, ``num_classes``, ``resolutions`` and ``set_tau``.
         discriminators: one ``D(x, c)`` -> ``(uncond, cond)`` per generator output.
-        config: optimisation settings (:class:`~cxrfactory.config.GANConfig`).
+        config: optimisation settings (:class:`~cxrfactory.gan.config.GANConfig`).
         device: where the batches go; defaults to the generator's device.
         world_size: data-parallel replicas, so image counts (EMA, progress) are global.
         seed: seeds this replica's noise stream (give each DDP rank its own).
@@ -277,7 +277,7 @@ class GANTrainer:
                 f"discriminator loss collapsed (running average per branch "
                 f"{[round(a, 4) for a in self._d_loss_avg]} < {self.config.collapse_threshold}) "
                 f"after {self.d_steps} D steps: the generator gets almost no gradient. "
-                "Consider a higher lr or fewer D steps per G step (see DESIGN, Calibration).",
+                "Consider a higher lr or fewer D steps per G step (see docs/model_card.md, 'Calibration').",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auroc", "classification_metrics"]
+__all__ = ["auroc", "classification_metrics", "jsonable"]
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -65,3 +65,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, targets: np.n
                            for i, c in enumerate(classes)},
         "confusion": confusion.tolist(),
     }
+
+
+def jsonable(value: Any) -> Any:
+    """Metrics -> strict JSON values: NaN and infinities (an undefined AUROC) become null,
+    tuples lists, at any depth of dicts and lists."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

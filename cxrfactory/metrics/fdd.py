@@ -36,16 +36,18 @@ from cxrfactory.metrics.fdd_pipeline import (
     HALF_SALT,
     HALVES,
     FDDError,
+    FeatureCompute,
     SAMPLE_SALT,
     Side,
     SideStats,
-    artifact_files,
     side_statistics,
 )
 from cxrfactory.metrics.stats import FeatureStats
-from cxrfactory.classifier.artifact import load_classifier_artifact
+from cxrfactory.classifier.artifact import load_classifier_artifact, read_classifier_files
+from cxrfactory.named_sets import check_named_uris
 from cxrfactory.raydata import sample_thresholds
 from cxrfactory.storage import Location, check_readable, resolve
+from cxrfactory.weights import ArtifactFiles
 
 #: Images per class in the paper's FDD evaluation (Ann et al. 2020, Table 1).
 PAPER_PROTOCOL: dict[str, int] = {
@@ -78,12 +80,9 @@ class FDDConfig:
     s3_endpoint: str | None = None  # S3-compatible endpoint for s3:// locations
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "synthetic", tuple((str(n), str(u)) for n, u in self.synthetic))
-        names = [name for name, _ in self.synthetic]
-        if not names:
+        object.__setattr__(self, "synthetic", check_named_uris(self.synthetic, error=FDDError))
+        if not self.synthetic:
             raise FDDError("give at least one synthetic set (NAME=URI)")
-        if len(set(names)) != len(names):
-            raise FDDError(f"synthetic set names must be unique, got {names}")
         if self.classes is not None:
             object.__setattr__(self, "classes", validate_classes(self.classes))
         if self.max_per_class is not None and self.paper_protocol:
@@ -142,7 +141,10 @@ def _load_cache(location: Location, identity: Mapping[str, Any]) -> SideStats | 
     """The cached real side, checked against what is asked; None when there is none yet."""
     if not location.exists():
         return None
-    stats = FeatureStats.from_bytes(location.read_bytes(), source=location.uri)
+    try:
+        stats = FeatureStats.from_bytes(location.read_bytes(), source=location.uri)
+    except ValueError as error:  # not a statistics file of ours: the user pointed at it
+        raise FDDError(f"{error}; delete it or point --real-stats elsewhere") from None
     _check_cache(stats, identity, location.uri)
     return SideStats(stats, stats.meta["correct"], stats.meta["scored"])
 
@@ -180,14 +182,41 @@ def _choose_classes(config: FDDConfig, sides: Mapping[str, Mapping[str, int]]) -
     return classes
 
 
-def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every synthetic set against the real split; write fdd.json/csv/md to ``out``."""
-    # Inputs: the classifier first, so a broken artifact fails before any data is read
-    try:
-        artifact = load_classifier_artifact(config.classifier)
-    except (FileNotFoundError, ValueError) as error:
-        raise FDDError(f"classifier artifact {config.classifier}: {error}") from None
-    files = artifact_files(config.classifier)
+@dataclass(frozen=True)
+class FDDInputs:
+    """What an evaluation reads before measuring: the classifier and every side's manifest."""
+
+    artifact: Any  # the loaded ClassifierArtifact
+    files: ArtifactFiles  # its files, shipped to the feature actors
+    real: shards.Manifest
+    real_sha: str  # sha256 of the real manifest's bytes
+    synthetic: dict[str, shards.Manifest]  # per synthetic set name
+    classes: tuple[str, ...]
+    wanted: dict[str, int] | None  # rows per class of every side; None: all
+
+
+def run_fdd(config: FDDConfig, log: Callable[[str], None] = print, *,
+            inputs: FDDInputs | None = None) -> dict[str, Any]:
+    """Measure every synthetic set against the real split; write fdd.json/csv/md to ``out``.
+
+    ``inputs``: what :func:`prepare_fdd` read (a job calls it before Ray starts); None reads
+    them here.
+    """
+    inputs = inputs or prepare_fdd(config, log)
+    out = resolve(config.out, config.s3_endpoint)
+    real_side, measured, cache, cache_hit = _measure(config, inputs, out, log)
+    result = _result(config, inputs, real_side, measured, cache.uri, cache_hit, log)
+    write_outputs(result, out)
+    log(f"[fdd] wrote {', '.join(out.join(name).uri for name in OUTPUTS)}")
+    return result
+
+
+def prepare_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> FDDInputs:
+    """Every check that needs no cluster (a job runs it before Ray starts): the classifier
+    first, so a broken artifact fails before any data is read; then the manifests, the
+    evaluated classes and the rows drawn per class."""
+    files = read_classifier_files(config.classifier, config.s3_endpoint)
+    artifact = load_classifier_artifact(files)
     real, real_sha = _manifest(config.real, config.s3_endpoint)
     if config.split not in real.counts:
         raise FDDError(f"{config.real} has no split {config.split!r} (it holds {', '.join(real.counts)})")
@@ -198,45 +227,54 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
     classes = _choose_classes(config, sides)
     wanted = config.wanted(classes, real.counts[config.split])
     if config.paper_protocol:
-        _require_paper_counts(wanted, {name: synthetic[name] for name, _ in config.synthetic})
-    short = _under_paper_counts(config, wanted)  # logged with the other warnings at the end
+        _require_paper_counts(wanted, synthetic)
     log(f"[fdd] classes: {', '.join(classes)}; " + ("all rows" if wanted is None else
         "per class at most " + ", ".join(f"{c} {n}" for c, n in wanted.items())))
+    return FDDInputs(artifact, files, real, real_sha, synthetic, classes, wanted)
 
-    # Real side: cached under everything it depends on
-    identity = _cache_identity(config, artifact, real_sha, classes, wanted)
-    out = resolve(config.out, config.s3_endpoint)
+
+def _measure(config: FDDConfig, inputs: FDDInputs, out: Location,
+             log: Callable[[str], None]) -> tuple[SideStats, list[SideStats], Location, bool]:
+    """``(real side, synthetic sides, cache location, cache hit)``: the real side from its
+    cache when it holds it, every side still to measure through one pipeline."""
+    classes, wanted = inputs.classes, inputs.wanted
+    identity = _cache_identity(config, inputs.artifact, inputs.real_sha, classes, wanted)
     if config.real_stats:
         cache = resolve(config.real_stats, config.s3_endpoint)
     else:
         key = shards.fingerprint(identity)[:16]
         cache = resolve(config.cache_dir, config.s3_endpoint) if config.cache_dir else out.join("cache")
         cache = cache.join(f"real-{key}.npz")
-
     real_side = _load_cache(cache, identity)
     log(f"[fdd] real-side statistics {'reused from' if real_side else 'will be cached in'} {cache.uri}")
 
-    # Features: every side still to measure through one pipeline
     def side(uri: str, split: str, counts: Mapping[str, int], halves: bool) -> Side:
         available = {c: int(counts.get(c, 0)) for c in classes}
         return Side(uri, split, sample_thresholds(uri, split=split, available=available, wanted=wanted,
                                                   salt=SAMPLE_SALT, s3_endpoint=config.s3_endpoint),
                     halves)
 
-    todo = [side(uri, shards.SYNTHETIC_SPLIT, synthetic[name].counts[shards.SYNTHETIC_SPLIT], False)
+    todo = [side(uri, shards.SYNTHETIC_SPLIT, inputs.synthetic[name].counts[shards.SYNTHETIC_SPLIT], False)
             for name, uri in config.synthetic]
     if real_side is None:
-        todo.insert(0, side(config.real, config.split, real.counts[config.split], True))
-    measured = side_statistics(todo, classes=classes, files=files, config=config)
+        todo.insert(0, side(config.real, config.split, inputs.real.counts[config.split], True))
+    compute = FeatureCompute(batch_rows=config.batch_rows, inference_batch=config.inference_batch,
+                             workers=config.workers, use_gpu=config.use_gpu,
+                             cpus_per_worker=config.cpus_per_worker, s3_endpoint=config.s3_endpoint)
+    measured = side_statistics(todo, classes=classes, files=inputs.files, config=compute)
     cache_hit = real_side is not None
     if not cache_hit:
         real_side = measured.pop(0)
         cache.write_bytes(real_side.stats.to_bytes(**identity, correct=real_side.correct,
                                                    scored=real_side.scored))
+    return real_side, measured, cache, cache_hit
 
-    # Distances: the real Gaussian of each class factorised once, every synthetic set against it
-    real_stats = real_side.by_class()
-    halves = [real_side.by_class(h) for h in HALVES]
+
+def _distances(config: FDDConfig, classes: Sequence[str], real_stats: FeatureStats,
+               halves: Sequence[FeatureStats], measured: Sequence[SideStats],
+               log: Callable[[str], None]) -> tuple[dict, dict]:
+    """``(floor, rows)``: the real Gaussian of each class factorised once, every synthetic set
+    measured against it, and the floor between the real split's patient halves."""
     _require_two(real_stats, classes, f"{config.real} (split {config.split})")
     references = {c: prepare_reference(*real_stats.mean_cov(c)) for c in classes}
     floor = {c: (frechet_distance(*halves[0].mean_cov(c), *halves[1].mean_cov(c))
@@ -251,8 +289,18 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
             "class_consistency": {c: stats.accuracy(c) for c in classes},
         }
         log(f"[fdd] {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in rows[name]["fdd"].items()))
+    return floor, rows
+
+
+def _result(config: FDDConfig, inputs: FDDInputs, real_side: SideStats, measured: Sequence[SideStats],
+            statistics_uri: str, cache_hit: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The distances, the warnings and the record of what was measured: fdd.json's content."""
+    artifact, classes, wanted = inputs.artifact, inputs.classes, inputs.wanted
+    real_stats, halves = real_side.by_class(), [real_side.by_class(h) for h in HALVES]
+    floor, rows = _distances(config, classes, real_stats, halves, measured, log)
     sizes = {f"real ({config.split})": {c: real_stats.count(c) for c in classes},
              **{name: row["n"] for name, row in rows.items()}}
+    short = _under_paper_counts(config, wanted)
     notes = ([short] if short else []) + _rank_notes(sizes, artifact.model.feature_dim)
     for note in notes:
         log(f"[fdd] warning: {note}")
@@ -268,18 +316,16 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> dict[str, 
         "sampling": ({"paper_protocol": wanted,
                       "paper_counts": {c: PAPER_PROTOCOL[c] for c in classes}} if config.paper_protocol else
                      {"max_per_class": config.max_per_class} if wanted else None),
-        "real": {"uri": config.real, "split": config.split, "manifest_sha256": real_sha,
+        "real": {"uri": config.real, "split": config.split, "manifest_sha256": inputs.real_sha,
                  "n": sizes[f"real ({config.split})"],
                  "n_halves": {c: [h.count(c) for h in halves] for c in classes},
                  "class_consistency": {c: real_side.accuracy(c) for c in classes},
-                 "statistics": cache.uri, "statistics_reused": cache_hit},
+                 "statistics": statistics_uri, "statistics_reused": cache_hit},
         "floor": floor,
         "synthetic": rows,
         "warnings": notes,
     }
     _add_means(result)
-    write_outputs(result, out)
-    log(f"[fdd] wrote {', '.join(out.join(name).uri for name in OUTPUTS)}")
     return result
 
 

@@ -9,25 +9,20 @@ Only O(d²) statistics per class per batch leave the actors, never the features.
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from cxrfactory.errors import UserError
-from cxrfactory import filenames
 from cxrfactory.classifier.artifact import load_classifier_artifact
 from cxrfactory.metrics.stats import FeatureStats
 from cxrfactory.raydata import keep_sampled, stable_fraction
+from cxrfactory.weights import ArtifactFiles
 
-if TYPE_CHECKING:
-    from cxrfactory.metrics.fdd import FDDConfig
 
 SAMPLE_SALT = "cxrfactory-fdd-sample"  # which rows a per-class cap keeps
 HALF_SALT = "cxrfactory-fdd-half"  # which patients form each half of the floor
@@ -53,19 +48,18 @@ def select_rows(batch: pa.Table, *, side: int, thresholds: Mapping[str, float],
 class FeatureExtractor:
     """Ray Data actor: keyed rows -> one row of partial statistics per key of a batch.
 
-    The artifact travels as bytes (no shared filesystem needed) and is verified on load.
+    The artifact travels as its files' bytes, read once on the driver
+    (:func:`~cxrfactory.classifier.artifact.read_classifier_files`: no shared filesystem
+    needed), and is verified again on load.
     ``correct``/``scored`` count top-1 hits of the row's class among the rows whose class the
     classifier knows (class-consistency).
     """
 
-    def __init__(self, artifact_files: dict[str, bytes], *, inference_batch: int,
+    def __init__(self, artifact: ArtifactFiles, *, inference_batch: int,
                  threads: int | None) -> None:
         from cxrfactory.models.densenet import decode_images
 
-        with tempfile.TemporaryDirectory() as directory:
-            for name, data in artifact_files.items():
-                (Path(directory) / name).write_bytes(data)
-            artifact = load_classifier_artifact(directory)
+        artifact = load_classifier_artifact(artifact)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -130,12 +124,6 @@ def _relabel(stats: FeatureStats, mapping: Callable[[str], str | None]) -> Featu
     return merged if merged.dim is not None else FeatureStats(dim=stats.dim)
 
 
-def artifact_files(directory: str) -> dict[str, bytes]:
-    """The classifier artifact's files, to ship to actors on any node."""
-    return {name: (Path(directory) / name).read_bytes()
-            for name in (filenames.CLASSIFIER_WEIGHTS, filenames.CONFIG, filenames.SHA256)}
-
-
 @dataclass(frozen=True)
 class Side:
     """One set of images to measure: a shard root's split, sampled per class."""
@@ -146,8 +134,20 @@ class Side:
     halves: bool  # key rows by patient half too (the real side, for the floor)
 
 
-def side_statistics(sides: Sequence[Side], *, classes: Sequence[str], files: dict[str, bytes],
-                    config: FDDConfig) -> list[SideStats]:
+@dataclass(frozen=True)
+class FeatureCompute:
+    """How the feature actors run (the compute fields of ``FDDConfig``)."""
+
+    batch_rows: int  # rows per actor call; each call emits one partial statistic per class
+    inference_batch: int  # images per forward pass
+    workers: int | None  # feature actors; None: one per GPU with GPUs, else 1
+    use_gpu: bool | None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float  # Ray CPUs per actor (also its torch threads, on CPU)
+    s3_endpoint: str | None = None  # S3-compatible endpoint for s3:// shard roots
+
+
+def side_statistics(sides: Sequence[Side], *, classes: Sequence[str], files: ArtifactFiles,
+                    config: FeatureCompute) -> list[SideStats]:
     """Run every side through one pipeline (one actor pool, the model loaded once per actor)."""
     import ray
 
@@ -167,7 +167,7 @@ def side_statistics(sides: Sequence[Side], *, classes: Sequence[str], files: dic
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         FeatureExtractor,
-        fn_constructor_kwargs={"artifact_files": files, "inference_batch": config.inference_batch,
+        fn_constructor_kwargs={"artifact": files, "inference_batch": config.inference_batch,
                                "threads": max(1, int(config.cpus_per_worker))},
         batch_size=config.batch_rows, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.workers or (gpus if use_gpu else 1)),

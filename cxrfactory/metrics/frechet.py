@@ -24,20 +24,14 @@ would print a warning and retry with an offset or fail with an imaginary compone
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from cxrfactory.metrics.stats import FeatureStats
 
 __all__ = [
     "FrechetReference",
     "RankDeficientWarning",
     "check_sample_size",
-    "class_distances",
     "frechet_distance",
     "prepare_reference",
 ]
@@ -144,27 +138,3 @@ def frechet_distance(
     :func:`prepare_reference`.
     """
     return prepare_reference(mu1, sigma1).distance(mu2, sigma2)
-
-
-def class_distances(
-    reference: FeatureStats, candidate: FeatureStats, labels: Sequence[str] | None = None
-) -> dict[str, float]:
-    """Per-class Fréchet distance between two :class:`FeatureStats` (e.g. real vs synthetic).
-
-    ``labels`` defaults to the classes both hold, in the reference's order. Warns
-    (:class:`RankDeficientWarning`) for a class with no more images than feature dimensions.
-    """
-    if reference.dim != candidate.dim:
-        raise ValueError(
-            f"feature dimensions differ: reference {reference.dim}, candidate {candidate.dim}"
-        )
-    if labels is None:
-        labels = [label for label in reference.labels if candidate.count(label) > 0]
-    distances: dict[str, float] = {}
-    for label in labels:
-        mu1, sigma1 = reference.mean_cov(label)
-        mu2, sigma2 = candidate.mean_cov(label)
-        check_sample_size(reference.count(label), mu1.size, label=label)
-        check_sample_size(candidate.count(label), mu2.size, label=label)
-        distances[label] = frechet_distance(mu1, sigma1, mu2, sigma2)
-    return distances

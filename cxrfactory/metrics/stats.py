@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,6 @@ def _as_features(features: Any) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError("features contain NaN or infinity")
     return array
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (see :mod:`cxrfactory.storage`)."""
-    resolve(path).write_bytes(data)
 
 
 class FeatureStats:
@@ -194,14 +189,6 @@ class FeatureStats:
             return self.merge(FeatureStats())
         return NotImplemented
 
-    @classmethod
-    def combine(cls, parts: Iterable[FeatureStats]) -> FeatureStats:
-        """Merge any number of accumulators (an empty iterable gives empty statistics)."""
-        total = cls()
-        for part in parts:
-            total = total.merge(part)  # copies only total's classes: O(C d²) per part
-        return total
-
     # -- results ---------------------------------------------------------------------------
 
     def mean_cov(self, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +280,7 @@ class FeatureStats:
         Pass what produced the features, e.g. ``classifier_sha256=...`` and
         ``preprocessing=...``, so a cached statistic is reused only when it matches.
         """
-        _write_atomic(Path(path), self.to_bytes(**meta))
+        resolve(path).write_bytes(self.to_bytes(**meta))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "statistics") -> FeatureStats:
@@ -319,10 +306,6 @@ class FeatureStats:
         if not path.is_file():
             raise FileNotFoundError(f"statistics file not found: {path}")
         return cls.from_bytes(path.read_bytes(), source=str(path))
-
-    def meta_matches(self, **expected: Any) -> bool:
-        """True when every ``expected`` item equals the stored metadata (cache validation)."""
-        return all(k in self.meta and self.meta[k] == v for k, v in expected.items())
 
 
 def _stack_rows(column: Any) -> np.ndarray:

@@ -2,21 +2,22 @@
 
 Public API::
 
-    G = build_generator("paper")            # or a Config / ModelConfig / YAML path
+    G = build_generator("paper")            # or a run Config / ModelConfig / YAML path
     images = G(z, c)                        # list, one (B, 1, S, S) per branch, low to high
     Ds = build_discriminators("paper")      # one per branch
     uncond, cond = Ds[0](images[0], c)      # raw LSGAN scores, (B,) each
 
-Imports no Ray (DESIGN layering); the DenseNet feature extractor lives in ``models.densenet``.
+Imports no Ray (docs/architecture.md, "Layers"); the DenseNet feature extractor lives in ``models.densenet``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from cxrfactory.config import Config, ModelConfig, resolve_config
+from cxrfactory.models.config import ModelConfig, model_config
 from cxrfactory.models.dcgan import ConditionalDCGANGenerator
 from cxrfactory.models.discriminator import Discriminator, discriminators_for
 from cxrfactory.models.generator import MultiScaleGenerator
@@ -36,21 +37,21 @@ __all__ = [
 ]
 
 
-def _model_config(config_or_preset: Config | ModelConfig | str | Path) -> ModelConfig:
-    return resolve_config(config_or_preset).model
+def build_generator(config_or_preset: ModelConfig | Any | str | Path) -> nn.Module:
+    """The generator the config's ``model.arch`` names: ``G(z, c)`` -> list of images, low to high.
 
-
-def build_generator(config_or_preset: Config | ModelConfig | str | Path) -> nn.Module:
-    """The generator the config's ``model.arch`` names: ``G(z, c)`` -> list of images, low to high."""
-    model = _model_config(config_or_preset)
+    Takes a :class:`ModelConfig`, a run config with a ``model`` section, a GAN preset name or a
+    YAML/JSON file (:func:`cxrfactory.models.config.model_config`).
+    """
+    model = model_config(config_or_preset)
     if model.arch == "cdcgan":
         return ConditionalDCGANGenerator(model)
     return MultiScaleGenerator(model)
 
 
-def build_discriminators(config_or_preset: Config | ModelConfig | str | Path) -> list[Discriminator]:
+def build_discriminators(config_or_preset: ModelConfig | Any | str | Path) -> list[Discriminator]:
     """One discriminator per generator output: ``D(x, c)`` -> ``(uncond, cond)`` raw scores."""
-    return discriminators_for(_model_config(config_or_preset))
+    return discriminators_for(model_config(config_or_preset))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cxrfactory.config import ModelConfig
+from cxrfactory.models.config import ModelConfig
 
 
 def _up(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.densenet import DenseNet
 
-from cxrfactory.shards import decode_png
+from cxrfactory.images import decode_png
+from cxrfactory.weights import WeightsError, load_weights
 
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "decode_images",
     "densenet121_xray",
     "load_weights_file",
+    "load_state",
     "preprocess",
 ]
 
@@ -276,7 +277,7 @@ def _from_torchvision_format(state: dict[str, torch.Tensor], model: XrayDenseNet
         elif key.startswith("classifier."):
             mapped[key] = value
         else:
-            raise ValueError(f"{source}: unexpected key {key!r} for a DenseNet state dict")
+            raise WeightsError(f"{source}: unexpected key {key!r} for a DenseNet state dict")
     conv0 = mapped.get("trunk.conv0.weight")
     if conv0 is not None and conv0.ndim == 4 and conv0.shape[1] == 3:
         mapped["trunk.conv0.weight"] = conv0.sum(dim=1, keepdim=True)
@@ -287,27 +288,30 @@ def _from_torchvision_format(state: dict[str, torch.Tensor], model: XrayDenseNet
     return mapped
 
 
+#: Where a weights file a user points at comes from.
+WEIGHTS_MADE_BY = ("jobs/train_classifier.py (its classifier.pt) or torchvision's DenseNet-121 "
+                   "weights saved as a state dict")
+
+
 def load_weights_file(model: XrayDenseNet, path: Path) -> None:
+    """Load a local state dict (ours or torchvision-format) into ``model``; WeightsError when
+    the file is absent, not trusted or does not fit."""
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or corrupt file, pickled code, not a torch file
-        text = str(error).strip()
-        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
-            reason = ("refused by torch.load(weights_only=True): corrupt, or pickled objects "
-                      "other than tensors")
-        else:
-            reason = text.splitlines()[0] if text else type(error).__name__
-        raise ValueError(f"{path}: not a loadable weights-only state dict ({reason})") from None
+        raise WeightsError(f"weights file not found: {path}")
+    state = load_weights(path.read_bytes(), source=str(path), made_by=WEIGHTS_MADE_BY)
+    load_state(model, state, str(path))
+
+
+def load_state(model: XrayDenseNet, state: Any, source: str) -> None:
+    """Put a loaded state dict (ours or torchvision-format) into ``model``, strictly."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
+        raise WeightsError(f"{source}: expected a state dict of tensors")
     if any(key.startswith("features.") for key in state):
-        state = _from_torchvision_format(state, model, str(path))
+        state = _from_torchvision_format(state, model, source)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit {model.config}: {error}") from None
+        raise WeightsError(f"{source}: weights do not fit {model.config}: {error}") from None
 
 
 def densenet121_xray(

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cxrfactory.config import ModelConfig
+from cxrfactory.models.config import ModelConfig
 from cxrfactory.models.layers import DownBlock, SNConvLeaky, sn_conv, tile_condition
 
 

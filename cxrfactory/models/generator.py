@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cxrfactory.config import ModelConfig
+from cxrfactory.models.config import ModelConfig
 from cxrfactory.models.layers import GLU, ConvGLU, ResBlock, SelfAttention, ToImage, UpBlock, tile_condition
 
 

@@ -1,6 +1,6 @@
 """Deterministic per-image noise and batched generation for synthesis.
 
-DESIGN: every image's noise depends on its own seed alone, not on batch size, worker count or
+docs/architecture.md, "Seeds": every image's noise depends on its own seed alone, not on batch size, worker count or
 order, so an image can be regenerated bit for bit from ``(generator, class, seed)``.
 """
 

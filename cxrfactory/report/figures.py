@@ -8,31 +8,17 @@ pyplot state, no display).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cxrfactory.images import figure_png
 from cxrfactory.report.inputs import SampleImages
 
 #: A tile with no image (a class a source does not hold) is left as background.
 MISSING_TILE = 255
-
-
-def _png(fig: Figure, grayscale: bool = False) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    if not grayscale:
-        return buf.getvalue()
-    # A figure of X-rays and black text: one 8-bit channel instead of RGBA halves the PNG
-    # (and the report, which carries it as base64).
-    out = io.BytesIO()
-    Image.open(io.BytesIO(buf.getvalue())).convert("L").save(out, format="PNG", optimize=True)
-    return out.getvalue()
 
 
 def fit_tile(image: np.ndarray, side: int) -> np.ndarray:
@@ -79,7 +65,8 @@ def sample_table_png(sources: Sequence[SampleImages], classes: Sequence[str], pe
     ax.tick_params(length=0, labelsize=11)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    return _png(fig, grayscale=True)
+    # X-rays and black text: one 8-bit channel halves the PNG and the report's base64.
+    return figure_png(fig, tight=True, grayscale=True)
 
 
 def class_balance_png(classes: Sequence[str], columns: Mapping[str, Mapping[str, int]], *,
@@ -108,4 +95,4 @@ def class_balance_png(classes: Sequence[str], columns: Mapping[str, Mapping[str,
     ax.set_xlabel("images")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
-    return _png(fig)
+    return figure_png(fig, tight=True)

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from cxrfactory.errors import UserError
 from cxrfactory import filenames
+from cxrfactory.images import decode_png
 from cxrfactory import shards
 from cxrfactory.classifier.utility_schema import validate_utility
 from cxrfactory.storage import Location, StorageError
@@ -204,7 +205,7 @@ def first_images(shard_set: ShardSet, classes: list[str], split: str, k: int) ->
             column = shards.read_shard(shard_set.root.join(rel), columns=["image"]).column("image")
             column = column.combine_chunks().field("bytes")
             for row in rows:
-                pixels[(rel, row)] = shards.decode_png(column[row].as_py())
+                pixels[(rel, row)] = decode_png(column[row].as_py())
         if chosen:
             out.images[label] = [pixels[(rel, row)] for _, rel, row in chosen]
     return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from cxrfactory.named_sets import check_named_uris
 from cxrfactory.report import sections as S
 from cxrfactory.report.inputs import (
     ReportInputError,
@@ -42,7 +43,6 @@ from cxrfactory.report.inputs import (
 )
 from cxrfactory.report.render import FIGURE_DIR, Document, render_html, render_markdown
 from cxrfactory.shards import SPLITS, SYNTHETIC_SPLIT
-from cxrfactory.runtime import SET_NAME
 from cxrfactory.storage import Location, check_writable, resolve
 
 __all__ = ["ReportConfig", "ReportInputError", "ReportResult", "build_document", "collect_inputs",
@@ -75,17 +75,13 @@ class ReportConfig:
     s3_endpoint: str | None = None  # S3-compatible endpoint (else CXRF_S3_ENDPOINT / AWS)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "synthetic", tuple((str(n), str(u)) for n, u in self.synthetic))
-        object.__setattr__(self, "balanced", tuple((str(n), str(u)) for n, u in self.balanced))
-        names = [name for name, _ in self.synthetic]
-        balanced = [name for name, _ in self.balanced]
+        object.__setattr__(self, "synthetic", check_named_uris(
+            self.synthetic, flag="--synthetic", error=ReportInputError))
+        object.__setattr__(self, "balanced", check_named_uris(
+            self.balanced, flag="--balanced", error=ReportInputError))
         problems = [
             (not any([self.run, self.baseline_run, self.real, self.synthetic, self.balanced, self.fdd, self.utility]),
              "give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, --fdd or --utility"),
-            (len(set(names)) != len(names), f"synthetic set names must be unique, got {names}"),
-            (len(set(balanced)) != len(balanced), f"balanced set names must be unique, got {balanced}"),
-            (any(not SET_NAME.match(n) or n == "real" for n in names + balanced),
-             f"synthetic set names must be plain (letters, digits, . _ + -) and not 'real': {names + balanced}"),
             (not 1 <= self.samples_per_class <= MAX_PER_CLASS,
              f"samples per class must be 1..{MAX_PER_CLASS}, got {self.samples_per_class}"),
             (not MIN_TILE <= self.tile_px <= MAX_TILE,

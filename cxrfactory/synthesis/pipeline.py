@@ -14,7 +14,7 @@ How it runs:
    file: files are whole or absent, and a rerun writes only the missing ones.
 3. **Manifest** (driver), last, with counts read back from the files' footers.
 
-Determinism (DESIGN "Seeds"): image ``i`` of class ``k`` has the seed
+Determinism (docs/architecture.md, "Seeds"): image ``i`` of class ``k`` has the seed
 ``image_seed(run_seed, k, i)`` and its noise depends on that seed alone; a file's batches are
 cut from its own start, so the bytes depend on (generator, seed, rows per file, batch size) and
 never on the number of workers or the order they finish in. :func:`regenerate` remakes a row's
@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrfactory.dataset_card import finish_set
 from cxrfactory import filenames
 from cxrfactory import labels as L
 from cxrfactory import shards
-from cxrfactory.config import Config
-from cxrfactory.gan.artifact import GeneratorArtifact, load_generator_artifact
-from cxrfactory.models import build_generator
+from cxrfactory.gan.artifact import GeneratorArtifact, load_generator_artifact, read_generator_files
 from cxrfactory.models.sampling import generate
 from cxrfactory.storage import Location, check_writable, resolve
+from cxrfactory.weights import ArtifactFiles
 from cxrfactory.synthesis.plan import (
     ClassPlan,
     SynthesisConfig,
@@ -69,27 +69,22 @@ def peak_rss_mb() -> float:
 class ShardWriter:
     """Ray Data callable class: holds the generator, turns one work item into one shard file.
 
-    The weights come from the object store (the driver loaded and verified the artifact once),
-    so a local artifact path works on a multi-node cluster too. ``weights`` may also be the
-    state dict itself, to run the class in a plain process.
+    ``artifact`` is the generator artifact's files as bytes, read and verified once on the
+    driver (:func:`~cxrfactory.gan.artifact.read_generator_files`), so any node can build the
+    network without a shared filesystem; a loaded :class:`GeneratorArtifact` runs the class in
+    a plain process (tests, benchmarks).
     """
 
-    def __init__(self, *, weights: Any, config: dict[str, Any], generator_sha256: str, out: str,
+    def __init__(self, *, artifact: ArtifactFiles | GeneratorArtifact, out: str,
                  s3_endpoint: str | None, seed: int, resolution: int, batch_size: int,
                  threads: int, use_gpu: bool) -> None:
         # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this actor was given instead.
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if isinstance(weights, dict):
-            state = weights  # called in-process (tests, benchmarks)
-        else:
-            import ray
-
-            state = ray.get(weights)
-        net = build_generator(Config.from_dict(config))
-        net.load_state_dict(state)
-        self.generator = net.eval().to(self.device)
-        self.sha256 = generator_sha256
+        if isinstance(artifact, ArtifactFiles):
+            artifact = load_generator_artifact(artifact)
+        self.generator = artifact.generator.eval().to(self.device)
+        self.sha256 = artifact.sha256
         self.root = resolve(out, s3_endpoint)
         self.seed, self.resolution, self.batch_size = seed, resolution, batch_size
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="png")
@@ -177,6 +172,7 @@ class SynthesisRun:
 
     config: SynthesisConfig
     artifact: GeneratorArtifact
+    files: ArtifactFiles  # the artifact's files, verified: what the actors receive
     out: Location
     resolution: int  # output side in px
     plan: list[ClassPlan]  # per class, vocabulary order
@@ -193,7 +189,8 @@ def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = p
     Every check on user input happens here, before the output is touched, so bad input leaves
     nothing behind; an output holding another run's rows is refused unless ``overwrite``.
     """
-    artifact = load_generator_artifact(config.generator, s3_endpoint=config.s3_endpoint)
+    files = read_generator_files(config.generator, s3_endpoint=config.s3_endpoint)
+    artifact = load_generator_artifact(files)
     classes = L.validate_classes(config.classes, artifact.classes)
     resolution = config.resolution or artifact.resolution
     real = None
@@ -223,7 +220,7 @@ def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = p
         _refuse_another_run(out, identity)
     state = shards.prepare_output(out, identity, overwrite=config.overwrite)
     todo = [item for item in items if item.path not in state["existing"]]
-    return SynthesisRun(config, artifact, out, resolution, plan, items, todo, identity,
+    return SynthesisRun(config, artifact, files, out, resolution, plan, items, todo, identity,
                         state["complete"])
 
 
@@ -264,7 +261,7 @@ def run_synthesis(run: SynthesisRun, *, log: Callable[[str], None] = print,
         return None
 
     manifest = _manifest_from_shards(run)
-    shards.write_manifest(run.out, manifest)
+    finish_set(run.out, manifest)
     log(f"[synthesize] {run.out.uri}: {manifest.total()} synthetic images in {len(run.items)} file(s)")
     log(format_plan(run.plan, written=manifest.class_counts(shards.SYNTHETIC_SPLIT)))
     return manifest
@@ -281,17 +278,15 @@ def _run_pipeline(run: SynthesisRun, todo: list[WorkItem], log: Callable[[str], 
     """Write the files of ``todo`` with a Ray Data actor pool, logging each finished file."""
     import ray
 
-    config, artifact, out = run.config, run.artifact, run.out
+    config, out = run.config, run.out
     res = actor_resources(config)
     if config.gpus_per_worker > 0 and not res["use_gpu"]:
         log("[synthesize] the cluster has no GPU: running the generator on CPU actors")
-    weights = ray.put({k: v.detach().cpu() for k, v in artifact.generator.state_dict().items()})
     ds = ray.data.from_items([asdict(item) for item in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={
-            "weights": weights, "config": artifact.config.to_dict(),
-            "generator_sha256": artifact.sha256, "out": out.uri, "s3_endpoint": out.s3_endpoint,
+            "artifact": run.files, "out": out.uri, "s3_endpoint": out.s3_endpoint,
             "seed": config.seed, "resolution": run.resolution, "batch_size": config.batch_size,
             "threads": res["threads"], "use_gpu": res["use_gpu"],
         },
@@ -330,25 +325,11 @@ def _run_pipeline(run: SynthesisRun, todo: list[WorkItem], log: Callable[[str], 
 
 def _manifest_from_shards(run: SynthesisRun) -> shards.Manifest:
     """Counts come from the files' footers, so the manifest states exactly what exists."""
-    config, out, plan, items = run.config, run.out, run.plan, run.items
-    counts = {p.label: 0 for p in plan}
-    for item in items:
-        loc = out.join(item.path)
-        if not loc.exists():
-            raise SynthesisError(f"{loc.uri} was not written; run the same command again")
-        rows, _ = shards.shard_footer(loc)
-        if rows != item.stop - item.start:
-            raise SynthesisError(f"{loc.uri} holds {rows} rows where the plan has "
-                                 f"{item.stop - item.start}; it was not written by this run "
-                                 "(pass --overwrite to start over)")
-        counts[item.label] += rows
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
-    return shards.Manifest(
-        source=SOURCE,
-        classes=[p.label for p in plan],
-        counts={shards.SYNTHETIC_SPLIT: counts},
-        files=[item.path for item in items],
-        config=cfg,
+    config, plan, items = run.config, run.plan, run.items
+    return shards.manifest_from_shards(
+        run.out, [(item.path, shards.SYNTHETIC_SPLIT) for item in items], source=SOURCE,
+        classes=[p.label for p in plan], splits=(shards.SYNTHETIC_SPLIT,), config=config,
+        expected_rows={item.path: item.stop - item.start for item in items},
         extra={
             "generator": run.artifact.sha256, "generator_uri": config.generator,
             "seed": config.seed, "target_per_class": config.target_per_class,

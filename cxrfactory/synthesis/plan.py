@@ -23,7 +23,7 @@ class SynthesisError(UserError, ValueError):
     """A synthesis request that cannot be carried out, with what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SynthesisConfig:
     """Everything that defines a synthesis run (the job's flags, one to one)."""
 
@@ -46,7 +46,7 @@ class SynthesisConfig:
 
     def __post_init__(self) -> None:
         if self.classes is not None:
-            self.classes = tuple(self.classes)
+            object.__setattr__(self, "classes", tuple(self.classes))
         checks = [
             (self.target_per_class >= 1, f"--target-per-class must be positive, got {self.target_per_class}"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
@@ -102,7 +102,7 @@ def image_seeds(run_seed: int, class_index: int, start: int, stop: int) -> list[
 
 
 def synthetic_image_id(label: str, seed: int) -> str:
-    """DESIGN's ``syn-<Class>-<seed>``."""
+    """The synthetic rows' ``image_id``: ``syn-<Class>-<seed>``."""
     return f"syn-{label}-{seed}"
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from cxrfactory import labels as L
 from cxrfactory import shards
 from cxrfactory.gan.artifact import GeneratorArtifact
+from cxrfactory.images import encode_png
 from cxrfactory.models.sampling import generate
 from cxrfactory.synthesis.plan import SynthesisError, synthetic_image_id
 
@@ -32,12 +33,12 @@ def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
 
 def encode_image(image: np.ndarray, resolution: int) -> bytes:
     """Generator output -> the stored PNG (resized first when ``resolution`` differs)."""
-    return shards.encode_png(resize_image(image, resolution))
+    return encode_png(resize_image(image, resolution))
 
 
 def synthetic_rows(label: str, seeds: Sequence[int], pngs: Sequence[bytes], resolution: int,
                    generator_sha256: str) -> list[dict[str, Any]]:
-    """Rows of DESIGN's schema for generated images (PNG bytes, square ``resolution`` px)."""
+    """Rows of the shard schema (docs/architecture.md, "Shards") for generated images (PNG bytes, square ``resolution`` px)."""
     findings = [] if label == "Normal" else [label]
     rows = []
     for seed, png in zip(seeds, pngs, strict=True):
