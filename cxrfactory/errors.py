@@ -20,9 +20,9 @@ def find_user_error(error: BaseException) -> UserError | None:
     """The :class:`UserError` behind ``error``, looking through the wrappers an error raised in
     a Ray worker arrives in; None when there is none (a bug or an outage).
 
-    Followed, breadth first: ``__cause__`` and ``__context__`` (Ray Data's
-    ``UserCodeException("UDF failed to process a data block")`` is raised ``from`` the task's
-    error), ``RayTaskError.cause``, Ray Train's ``worker_failures`` (rank -> exception) and
+    Followed, breadth first: ``__cause__`` (Ray Data's ``UserCodeException("UDF failed to
+    process a data block")`` is raised ``from`` the task's error), ``__context__`` of Ray's own
+    exceptions, ``RayTaskError.cause``, Ray Train's ``worker_failures`` (rank -> exception) and
     ``controller_failure``, and an exception group's members. Duck-typed: no Ray import.
     """
     seen: set[int] = set()
@@ -42,5 +42,9 @@ def find_user_error(error: BaseException) -> UserError | None:
             queue.extend(failure for _, failure in sorted(failures.items()))
         queue.append(getattr(current, "controller_failure", None))
         queue.extend(getattr(current, "exceptions", None) or ())
-        queue.extend((current.__cause__, current.__context__))
+        queue.append(current.__cause__)
+        # An implicit context is followed through Ray's own wrappers only: a bug raised while
+        # handling a user error (``except StorageError: <bug>``) must keep its traceback.
+        if type(current).__module__.split(".")[0] == "ray":
+            queue.append(current.__context__)
     return None

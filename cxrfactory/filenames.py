@@ -11,7 +11,6 @@ SHA256 = "sha256"  # hex digest of an artifact's weights, written last: the arti
 GENERATOR_WEIGHTS = "generator.pt"  # G_ema state dict
 CLASSIFIER_WEIGHTS = "classifier.pt"  # XrayDenseNet state dict
 STATE = "state.pt"  # a training checkpoint's state dicts (torch.load(weights_only=True))
-CHECKPOINT_METRICS = "metrics.json"  # the metrics a classifier checkpoint was kept for
 
 # -- a GAN run folder: <storage>/<run name>/ -------------------------------------------------
 METRICS = "metrics.jsonl"  # one JSON line per log interval (GAN) or epoch (classifier)

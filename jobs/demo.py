@@ -27,6 +27,7 @@ from typing import NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.config import ConfigError, add_config_arguments, config_from_args, load_preset  # noqa: E402
+from cxrfactory import filenames  # noqa: E402
 from cxrfactory.runtime import init_ray, run_job  # noqa: E402
 
 #: The preset kind (folder under cxrfactory/configs/) of demo sizes.
@@ -112,7 +113,7 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
           "--baseline-run", str(runs / "cdcgan"), "--real", str(real),
           "--synthetic", f"proposed={syn / 'proposed'}", "--synthetic", f"cdcgan={syn / 'cdcgan'}",
           "--balanced", f"proposed={syn / 'proposed-balanced'}",
-          "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / "utility.json")]),
+          "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / filenames.UTILITY)]),
     ]
 
 

@@ -3,6 +3,7 @@
     python jobs/report.py --out DIR [--run RUN_DIR] [--baseline-run RUN_DIR] [--real URI]
         [--synthetic NAME=URI ...] [--balanced NAME=URI ...] [--fdd DIR] [--utility FILE] [--title T]
         [--samples-per-class K] [--sample-split SPLIT] [--strict] [--s3-endpoint URL]
+        [--config FILE] [--set KEY=VALUE ...]
 
 Writes <out>/report.html (self-contained: figures inline, no external resources), <out>/report.md
 and the figures it references in <out>/figures/, then prints a short summary. Every input is
@@ -31,10 +32,14 @@ from cxrfactory.report.report import (  # noqa: E402
     ReportConfig,
     write_report,
 )
+from cxrfactory.report.inputs import ReportInputError  # noqa: E402
+from cxrfactory.config import add_config_arguments, config_from_args  # noqa: E402
 from cxrfactory.runtime import named_uris_or_exit, run_job  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Flags without a given value stay None, so a --config file's value is not overridden by a
+    # flag's default; the defaults named in the help are ReportConfig's.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
     p.add_argument("--run", default=None, metavar="RUN_DIR", help="the proposed model's training run folder")
@@ -47,32 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; default: the --synthetic sets made with --balance-against)")
     p.add_argument("--fdd", default=None, metavar="DIR", help="jobs/fdd.py output folder (or its fdd.json)")
     p.add_argument("--utility", default=None, metavar="FILE", help="the downstream experiment's utility.json")
-    p.add_argument("--title", default=DEFAULT_TITLE, help="the report's heading")
-    p.add_argument("--samples-per-class", type=int, default=4, metavar="K",
+    p.add_argument("--title", default=None, help=f"the report's heading (default {DEFAULT_TITLE!r})")
+    p.add_argument("--samples-per-class", type=int, default=None, metavar="K",
                    help=f"Table 2: images per class and source (1..{MAX_PER_CLASS}, default 4)")
-    p.add_argument("--sample-split", default="test", help="Table 2: the real split shown (default test)")
-    p.add_argument("--strict", action="store_true", help="a given input that does not exist is an error")
+    p.add_argument("--sample-split", default=None, help="Table 2: the real split shown (default test)")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="a given input that does not exist is an error")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (else CXRF_S3_ENDPOINT / AWS)")
+    add_config_arguments(p)
     return p
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ReportConfig:
+    """--config FILE, then the flags given, then --set; a bad value is a usage error."""
+    if args.samples_per_class is not None and not 1 <= args.samples_per_class <= MAX_PER_CLASS:
+        parser.error(f"--samples-per-class must be 1..{MAX_PER_CLASS}, got {args.samples_per_class}")
+    flags = {name: getattr(args, name) for name in (
+        "out", "run", "baseline_run", "real", "fdd", "utility", "title", "samples_per_class",
+        "sample_split", "strict", "s3_endpoint")}
+    # A NAME=URI list given on the command line replaces the file's; none given keeps it.
+    flags["synthetic"] = named_uris_or_exit(parser, args.synthetic) or None
+    flags["balanced"] = named_uris_or_exit(parser, args.balanced, "--balanced") or None
+    try:
+        return config_from_args(parser, args, ReportConfig, flags=flags)
+    except ReportInputError as error:  # e.g. no input at all: a usage error, as before
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    synthetic = named_uris_or_exit(parser, args.synthetic)
-    balanced = named_uris_or_exit(parser, args.balanced, "--balanced")
-    if not any([args.run, args.baseline_run, args.real, synthetic, balanced, args.fdd, args.utility]):
-        parser.error("give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, "
-                     "--fdd or --utility")
-    if not 1 <= args.samples_per_class <= MAX_PER_CLASS:
-        parser.error(f"--samples-per-class must be 1..{MAX_PER_CLASS}, got {args.samples_per_class}")
-    config = ReportConfig(
-        out=args.out, run=args.run, baseline_run=args.baseline_run, real=args.real,
-        synthetic=synthetic, balanced=balanced, fdd=args.fdd, utility=args.utility, title=args.title,
-        samples_per_class=args.samples_per_class, sample_split=args.sample_split,
-        strict=args.strict, s3_endpoint=args.s3_endpoint,
-    )
+    config = resolve_config(parser.parse_args(argv), parser)
     result = write_report(config)
     print("\n".join(result.summary))
     return 0

@@ -230,6 +230,19 @@ def test_stage_jobs_take_a_file_under_their_flags(tmp_path):
     assert (fdd.batch_rows, fdd.split, fdd.max_per_class, fdd.synthetic) == (128, "train", 8, (("a", "u"),))
 
 
+def test_report_takes_a_file_under_its_flags(tmp_path, capsys):
+    path = tmp_path / "report.yaml"
+    path.write_text("title: From a file\nsynthetic: [[proposed, s/p], [cdcgan, s/c]]\nsamples_per_class: 2\n")
+    config = _resolve("report", ["--out", "o", "--config", str(path), "--samples-per-class", "3"])
+    assert config.synthetic == (("proposed", "s/p"), ("cdcgan", "s/c"))  # the file's sets, in order
+    assert (config.title, config.samples_per_class, config.strict) == ("From a file", 3, False)
+    replaced = _resolve("report", ["--out", "o", "--config", str(path), "--synthetic", "x=s/x"])
+    assert replaced.synthetic == (("x", "s/x"),)
+    with pytest.raises(SystemExit) as exit_info:  # no input at all, as before: a usage error
+        _resolve("report", ["--out", "o"])
+    assert exit_info.value.code == 2 and "give at least one input" in capsys.readouterr().err
+
+
 def test_demo_sizes_come_from_the_presets_and_set():
     import jobs.demo as demo
 
@@ -246,6 +259,7 @@ JOB_ARGV = {
     "synthesize": ["--generator", "g", "--target-per-class", "5", "--out", "o"],
     "ingest_nih": ["--nih-root", "n", "--out", "o"],
     "fdd": ["--real", "r", "--synthetic", "a=u", "--classifier", "c", "--out", "o"],
+    "report": ["--out", "o", "--real", "r"],
 }
 
 

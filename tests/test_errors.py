@@ -54,6 +54,25 @@ def test_an_internal_value_error_keeps_its_traceback_and_status_1():
     assert "error:" not in done.stderr.replace("ValueError:", "")
 
 
+def test_a_bug_while_handling_a_user_error_is_not_disguised(capsys):
+    def main(argv):
+        try:
+            raise StorageError("cannot read x")
+        except StorageError:
+            raise KeyError("a bug in the handler")  # its context is the user error
+
+    with pytest.raises(KeyError):
+        run_job(main, [])
+    assert "error:" not in capsys.readouterr().err
+    try:
+        try:
+            raise StorageError("cannot read x")
+        except StorageError as error:
+            raise RuntimeError("wrapped on purpose") from error
+    except RuntimeError as wrapped:
+        assert isinstance(find_user_error(wrapped), StorageError)  # an explicit cause is followed
+
+
 def test_a_user_error_is_found_inside_ray_wrappers():
     from ray.exceptions import RayTaskError, UserCodeException
     from ray.train.v2.api.exceptions import WorkerGroupError

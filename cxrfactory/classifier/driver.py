@@ -15,11 +15,11 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cxrfactory import filenames
 from cxrfactory import shards
+from cxrfactory.checkpoints import read_checkpoint
 from cxrfactory.classifier.artifact import save_classifier_artifact
 from cxrfactory.classifier.config import (
     NETWORK_SIZES,
@@ -28,11 +28,17 @@ from cxrfactory.classifier.config import (
     ClassifierError,
     ClassifierTrainingError,
 )
-from cxrfactory.classifier.data import build_datasets, expected_positives, plan_mix
+from cxrfactory.classifier.data import TrainingMix, build_datasets, expected_positives, plan_mix
+from cxrfactory.classifier.worker import (
+    MADE_BY,
+    inverse_frequency_weights,
+    read_history,
+    train_loop_per_worker,
+)
 from cxrfactory.errors import find_user_error
+from cxrfactory.metrics.classification import jsonable
 from cxrfactory.models.densenet import densenet121_xray
 from cxrfactory.storage import Location, check_readable, check_writable, resolve
-from cxrfactory.weights import load_weights
 
 
 
@@ -93,19 +99,10 @@ def train_classifier(config: ClassifierConfig,
                      log: Callable[[str], None] = print) -> TrainedClassifier:
     """Train on Ray Train and export the best checkpoint as ``<out>/classifier``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from cxrfactory.metrics.classification import jsonable
-    from cxrfactory.raydata import quiet_datasets, train_worker_resources
     from cxrfactory.runtime import init_ray
-    from cxrfactory.classifier.worker import (
-        inverse_frequency_weights,
-        read_history,
-        train_loop_per_worker,
-    )
 
-    # Plan
+    # Plan (before Ray starts: a bad input or output fails in a second, not after start-up)
     real = _manifest(config.real, config.s3_endpoint)
     mix = plan_mix(config, real, [_manifest(u, config.s3_endpoint) for u in config.synthetic])
     for note in mix.notes:
@@ -113,21 +110,42 @@ def train_classifier(config: ClassifierConfig,
     log(f"[classifier] rows per epoch ({config.mode}, {config.arch} at {config.resolution} px):\n"
         + mix.describe())
     out = resolve(config.out, config.s3_endpoint)
-    check_writable(out)  # before Ray starts: a bad output fails in a second, not after start-up
+    check_writable(out)
     init_ray()
     if config.use_gpu and not ray.cluster_resources().get("GPU"):
         raise ClassifierError("--use-gpu asks for GPUs but the Ray cluster has none")
-    weights = None
-    if config.class_weighted:
-        counts = mix.class_counts() if config.mode == "multiclass" else expected_positives(config, mix)
-        weights = inverse_frequency_weights(counts, config.mode, sum(mix.class_counts()))
-        log("[classifier] class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(mix.classes, weights)))
+    weights = _class_weights(config, mix, log)
     storage = resolve(config.storage or out.join("runs").uri, config.s3_endpoint)
     run = storage.join(config.run_name)
     _check_resumable(run, config)
     metrics_uri = run.join(filenames.METRICS).uri
 
     # Train
+    result = _fit(config, mix, storage, metrics_uri, weights)
+
+    # Export the best checkpoint with its preprocessing
+    return _export(config, mix, result, out, metrics_uri, log)
+
+
+def _class_weights(config: ClassifierConfig, mix: TrainingMix,
+                   log: Callable[[str], None]) -> list[float] | None:
+    if not config.class_weighted:
+        return None
+    counts = mix.class_counts() if config.mode == "multiclass" else expected_positives(config, mix)
+    weights = inverse_frequency_weights(counts, config.mode, sum(mix.class_counts()))
+    log("[classifier] class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(mix.classes, weights)))
+    return weights
+
+
+def _fit(config: ClassifierConfig, mix: TrainingMix, storage: Location, metrics_uri: str,
+         weights: list[float] | None) -> Any:
+    """Ray Train's result; a user error inside a worker comes back as itself."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cxrfactory.raydata import quiet_datasets, train_worker_resources
+
     with quiet_datasets():
         train_ds, val_ds = build_datasets(config, mix)
     trainer = TorchTrainer(
@@ -147,19 +165,20 @@ def train_classifier(config: ClassifierConfig,
         datasets={"train": train_ds, "val": val_ds},
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as error:
         if (user_error := find_user_error(error)) is not None:
             raise user_error from error  # e.g. a full disk in a worker: one line, exit status 2
         raise ClassifierTrainingError(f"training failed after {config.max_failures} recovery "
                                       f"attempt(s): {_root_cause(error)}") from error
 
-    # Export the best checkpoint with its preprocessing
+
+def _export(config: ClassifierConfig, mix: TrainingMix, result: Any, out: Location,
+            metrics_uri: str, log: Callable[[str], None]) -> TrainedClassifier:
+    """The best kept checkpoint as the classifier artifact, and metrics.jsonl beside it."""
     checkpoint, metrics = _best(result)
     with checkpoint.as_directory() as directory:
-        state_path = Path(directory) / filenames.STATE
-        state = load_weights(state_path.read_bytes(), source=str(state_path),
-                             made_by="jobs/train_classifier.py (its run checkpoints)")
+        state, _ = read_checkpoint(directory, made_by=MADE_BY)
     model = densenet121_xray(num_classes=len(mix.classes), **NETWORK_SIZES[config.arch])
     model.load_state_dict(state["model"])
     history = read_history(metrics_uri, config.s3_endpoint)

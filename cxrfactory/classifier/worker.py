@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrfactory import filenames
+from cxrfactory.checkpoints import read_checkpoint, write_checkpoint
 from cxrfactory.metrics.classification import classification_metrics, jsonable
 from cxrfactory.storage import resolve
 from cxrfactory.classifier.config import ClassifierConfig, build_model
-from cxrfactory.weights import load_weights
 
 
 
@@ -116,6 +115,62 @@ def _global_sum(*values: float) -> list[float]:
     return tensor.tolist()
 
 
+#: Where a good classifier checkpoint comes from (for the refusal of a foreign one).
+MADE_BY = "jobs/train_classifier.py (its run checkpoints)"
+
+
+@dataclass
+class _Training:
+    """The networks and schedule a worker trains, and where a resumed run stands."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines so far
+
+
+def _build_or_resume(config: ClassifierConfig, classes: Sequence[str], metrics_uri: str,
+                     checkpoint: Any) -> _Training:
+    """The same seed on every rank (DDP broadcasts rank 0's anyway); then, after a worker
+    restart or when the same run name is started again, the checkpoint's state."""
+    torch.manual_seed(config.seed)
+    model = build_model(config, len(classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    training = _Training(model, optimizer, schedule)
+    if checkpoint is None:
+        return training
+    with checkpoint.as_directory() as directory:
+        state, _ = read_checkpoint(directory, made_by=MADE_BY)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    training.start_epoch = int(state["epoch"]) + 1
+    training.history = [h for h in read_history(metrics_uri, config.s3_endpoint)
+                        if h["epoch"] < training.start_epoch]
+    return training
+
+
+def _train_epoch(model: nn.Module, training: _Training, batches: Any, config: ClassifierConfig,
+                 loss_fn: nn.Module, generator: torch.Generator) -> tuple[float, int]:
+    """One pass over this rank's batches: ``(sum of losses, images)`` of this rank."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for step, batch in enumerate(batches):
+        if config.max_steps_per_epoch is not None and step >= config.max_steps_per_epoch:
+            break
+        x = augment(batch["x"], generator, std=config.preprocessing.std) if config.augment else batch["x"]
+        target = batch["label"] if config.mode == "multiclass" else batch["targets"]
+        loss = loss_fn(model(x), target)
+        training.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        training.optimizer.step()
+        loss_sum += loss.item() * x.shape[0]
+        seen += x.shape[0]
+    return loss_sum, seen
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: train, validate and report once per epoch."""
     import ray.train
@@ -124,7 +179,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from cxrfactory.runtime import quiet_train_reports
 
     quiet_train_reports()
-
     config = ClassifierConfig.from_dict(loop_config["config"])
     classes = tuple(loop_config["classes"])
     metrics_uri = loop_config["metrics_uri"]
@@ -134,55 +188,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.torch_threads)
     device = ray.train.torch.get_device()
 
-    # Model, optimiser, schedule: the same seed on every rank (DDP broadcasts rank 0's anyway)
-    torch.manual_seed(config.seed)
-    model = build_model(config, len(classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    start_epoch, history = 0, []
-
-    # Resume: a worker restart, or the same run name started again
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state_path = Path(directory) / filenames.STATE
-            state = load_weights(state_path.read_bytes(), source=str(state_path),
-                                 made_by="jobs/train_classifier.py (its run checkpoints)")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch = int(state["epoch"]) + 1
-        history = [h for h in read_history(metrics_uri, config.s3_endpoint) if h["epoch"] < start_epoch]
+    # Build, resume
+    training = _build_or_resume(config, classes, metrics_uri, ray.train.get_checkpoint())
 
     # Distribute
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(training.model)
     net = getattr(model, "module", model)  # the bare network: evaluation and checkpoints
     loss_fn = make_loss(config.mode, loop_config["class_weights"], device)
     generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
     worker_batch = config.batch_size // world
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    std = config.preprocessing.std
 
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(training.start_epoch, config.epochs):
         # Train
         started = time.perf_counter()
-        model.train()
-        loss_sum, seen = 0.0, 0
         batches = train_shard.iter_torch_batches(batch_size=worker_batch, drop_last=True, device=device)
-        for step, batch in enumerate(batches):
-            if config.max_steps_per_epoch is not None and step >= config.max_steps_per_epoch:
-                break
-            x = augment(batch["x"], generator, std=std) if config.augment else batch["x"]
-            target = batch["label"] if config.mode == "multiclass" else batch["targets"]
-            loss = loss_fn(model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * x.shape[0]
-            seen += x.shape[0]
-        lr = schedule.get_last_lr()[0]
-        schedule.step()
+        loss_sum, seen = _train_epoch(model, training, batches, config, loss_fn, generator)
+        lr = training.schedule.get_last_lr()[0]
+        training.schedule.step()
         loss_sum, seen = _global_sum(loss_sum, seen)
 
         # Validate
@@ -195,15 +219,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             continue
-        history.append(jsonable(metrics))
+        training.history.append(jsonable(metrics))
         resolve(metrics_uri, config.s3_endpoint).write_text(
-            "".join(json.dumps(h) + "\n" for h in history))
+            "".join(json.dumps(h) + "\n" for h in training.history))
         with tempfile.TemporaryDirectory() as directory:
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "epoch": epoch},
-                       Path(directory) / filenames.STATE)
-            (Path(directory) / filenames.CONFIG).write_text(json.dumps(
-                {"config": config.to_dict(), "classes": list(classes)}, indent=2))
-            (Path(directory) / filenames.CHECKPOINT_METRICS).write_text(json.dumps(jsonable(metrics)))
+            write_checkpoint(directory, {"model": net.state_dict(), "optimizer": training.optimizer.state_dict(),
+                                         "schedule": training.schedule.state_dict(), "epoch": epoch},
+                             {"config": config.to_dict(), "classes": list(classes), "epoch": epoch,
+                              "metrics": jsonable(metrics)})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")

@@ -1,9 +1,10 @@
-"""Training checkpoints (docs/architecture.md, "Artifacts"): ``state.pt`` + ``config.json`` in one directory.
+"""GAN training checkpoints: ``state.pt`` + ``config.json`` in one directory, in the format
+both products share (:mod:`cxrfactory.checkpoints`).
 
 ``state.pt`` holds only tensors and plain Python values, so ``torch.load(weights_only=True)``
 reads it and a checkpoint from a stranger cannot execute code::
 
-    format        CHECKPOINT_FORMAT
+    format        checkpoints.CHECKPOINT_FORMAT
     step          real batches trained (GANTrainer.train_step calls, all workers together)
     epoch         the epoch in progress; epoch_step: steps already done inside it
     tau           attention scale at that point
@@ -22,28 +23,20 @@ Directories are named ``checkpoint-<step:07d>`` inside the run folder (Ray Train
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cxrfactory.errors import UserError
-from cxrfactory import filenames
+from cxrfactory import checkpoints, filenames
+from cxrfactory.checkpoints import CheckpointMismatchError
 from cxrfactory.gan.config import Config
 from cxrfactory.storage import Location, resolve
-from cxrfactory.weights import load_weights
 
-CHECKPOINT_FORMAT = 1
 MADE_BY = "jobs/train.py (<run>/checkpoint-<step>)"  # where a good checkpoint comes from
 _DIR_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """A checkpoint made for another model than the one this run builds."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -54,18 +47,9 @@ def checkpoint_dir_name(step: int) -> str:
 def write_checkpoint(directory: str | Path, state: Mapping[str, Any], config: Config,
                      extra: Mapping[str, Any] | None = None) -> None:
     """Write ``state.pt`` and ``config.json`` into a local ``directory`` (created if needed)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, directory / filenames.STATE)
-    meta = {
-        "config": config.to_dict(),
-        "classes": list(config.model.classes),
-        "step": int(state["step"]),
-        "epoch": int(state["epoch"]),
-        "created": datetime.now(timezone.utc).isoformat(),
-        **(extra or {}),
-    }
-    (directory / filenames.CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"config": config.to_dict(), "classes": list(config.model.classes),
+            "step": int(state["step"]), "epoch": int(state["epoch"]), **(extra or {})}
+    checkpoints.write_checkpoint(directory, state, meta)
 
 
 def read_checkpoint(directory: str | Path | Location,
@@ -74,21 +58,7 @@ def read_checkpoint(directory: str | Path | Location,
 
     ``state`` is loaded with ``weights_only=True``; ``meta`` is the parsed ``config.json``.
     """
-    if isinstance(directory, Location):
-        state_bytes = directory.join(filenames.STATE).read_bytes()
-        meta_text = directory.join(filenames.CONFIG).read_text()
-    else:
-        directory = Path(directory)
-        state_bytes = (directory / filenames.STATE).read_bytes()
-        meta_text = (directory / filenames.CONFIG).read_text()
-    source = (directory.join(filenames.STATE).uri if isinstance(directory, Location)
-              else str(directory / filenames.STATE))
-    state = load_weights(state_bytes, source=source, made_by=MADE_BY, map_location=map_location)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointMismatchError(f"{source}: checkpoint format {found!r} is not "
-                                      f"{CHECKPOINT_FORMAT}; it was not written by this trainer")
-    return state, json.loads(meta_text)
+    return checkpoints.read_checkpoint(directory, made_by=MADE_BY, map_location=map_location)
 
 
 def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

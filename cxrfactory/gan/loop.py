@@ -398,7 +398,7 @@ class _WorkerLoop:
                                     f"{self.epochs.steps_per_epoch} steps: the data stream was shorter than planned")
 
         # The end: a last checkpoint and the artifact, unless a finished run was started again.
-        if self.last_saved != pos.step or not self.run_loc.join(filenames.GENERATOR, "sha256").exists():
+        if self.last_saved != pos.step or not self.run_loc.join(filenames.GENERATOR, filenames.SHA256).exists():
             self.save(final=True)
         else:
             ray.train.report(self._report(_gather(_param_digest(trainer), self.world)))

@@ -13,11 +13,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cxrfactory import filenames
 from cxrfactory.storage import Location
 
 __all__ = ["OUTPUTS", "format_csv", "format_markdown", "table_rows", "write_outputs"]
 
-OUTPUTS = ("fdd.json", "fdd.csv", "fdd.md")
+OUTPUTS = (filenames.FDD_JSON, filenames.FDD_CSV, filenames.FDD_MD)
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
@@ -81,6 +82,6 @@ def format_markdown(result: Mapping[str, Any]) -> str:
 
 def write_outputs(result: Mapping[str, Any], out: Location) -> None:
     """``fdd.json`` (everything), ``fdd.csv`` and ``fdd.md`` (the tables), each atomically."""
-    out.join("fdd.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    out.join("fdd.csv").write_text(format_csv(result))
-    out.join("fdd.md").write_text(format_markdown(result))
+    out.join(filenames.FDD_JSON).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    out.join(filenames.FDD_CSV).write_text(format_csv(result))
+    out.join(filenames.FDD_MD).write_text(format_markdown(result))

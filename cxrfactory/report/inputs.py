@@ -238,7 +238,7 @@ def load_utility(loc: Location, flag: str = "--utility") -> dict[str, Any]:
         raise ReportInputError(f"{flag} {loc.uri} is not a file: expected the utility.json of the "
                                "downstream experiment")
     # Python's json reads the NaN a producer may have written for an undefined AUROC.
-    return validate_utility(_json(loc, "utility.json"), source=f"{flag} {loc.uri}")
+    return validate_utility(_json(loc, filenames.UTILITY), source=f"{flag} {loc.uri}")
 
 
 def exists(loc: Location, flag: str) -> bool:
