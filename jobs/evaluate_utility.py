@@ -30,7 +30,7 @@ from jobs.train_classifier import DEFAULT_PRESET, add_classifier_arguments, clas
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="real shard folder or s3:// URI (train, val and test splits)")
-    p.add_argument("--out", required=True, help="local folder: one folder per arm and utility.json")
+    p.add_argument("--out", required=True, help="folder or s3:// URI: one folder per arm and utility.json")
     add_config_arguments(p, KIND, default=DEFAULT_PRESET)
     add_classifier_arguments(p)
     p.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny network for 2 steps")

@@ -54,7 +54,7 @@ FIELDS = ("arch", "resolution", "mode", "class_weighted", "synthetic_ratio", "ba
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="real shard folder or s3:// URI (train and val splits)")
-    p.add_argument("--out", required=True, help="local folder for classifier/ and metrics.jsonl")
+    p.add_argument("--out", required=True, help="folder or s3:// URI for classifier/ and metrics.jsonl")
     add_config_arguments(p, KIND, default=DEFAULT_PRESET)
     add_classifier_arguments(p)
     p.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny network for 2 steps")

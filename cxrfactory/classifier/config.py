@@ -43,12 +43,12 @@ class ClassifierConfig:
     """One classifier training run; saved in every checkpoint and in the artifact."""
 
     real: str  # real shard root (path or s3://): its train split trains, its val split picks the checkpoint
-    out: str  # local folder: classifier/ (the artifact), metrics.jsonl, runs/ (Ray Train's storage)
+    out: str  # folder or s3:// URI: classifier/ (the artifact), metrics.jsonl, runs/ (Ray Train's storage)
     classes: tuple[str, ...] | None = None  # classes to learn, vocabulary order; None: the real manifest's
     mode: str = "multiclass"  # multiclass: softmax CE on `label`; multilabel: per-class sigmoid BCE on `findings`
     arch: str = "densenet121"  # a key of NETWORK_SIZES
     resolution: int = 256  # preprocessing side in px: the paper's image size, so 256-px shards are not resampled
-    weights: str | None = None  # local state dict to start from (ours, or torchvision's ImageNet file); None: random init
+    weights: str | None = None  # state dict file (path or s3:// URI) to start from (ours, or torchvision's ImageNet file); None: random init
     synthetic: tuple[str, ...] = ()  # synthetic shard roots mixed into training
     synthetic_ratio: float | None = None  # synthetic fraction of each epoch's rows, in [0, 1); None: see balance_per_class
     balance_per_class: int | None = None  # at most this many rows per class per epoch, real first, synthetic fill the gap (without synthetic: a cap on real rows)

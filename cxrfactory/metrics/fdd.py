@@ -64,7 +64,7 @@ class FDDConfig:
 
     real: str  # real shard root (path or s3://)
     synthetic: tuple[tuple[str, str], ...]  # (name, shard root) per synthetic set: one table row each
-    classifier: str  # classifier artifact folder (local path)
+    classifier: str  # classifier artifact folder: local path or s3:// URI
     out: str  # output folder (path or s3://): fdd.json, fdd.csv, fdd.md, cache/
     split: str = "test"  # the real split compared against
     classes: tuple[str, ...] | None = None  # None: every class all sides hold (the paper's 8 with paper_protocol)

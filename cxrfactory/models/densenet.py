@@ -19,7 +19,6 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from torchvision.models.densenet import DenseNet
 
 from cxrfactory.images import decode_png
+from cxrfactory.storage import resolve
 from cxrfactory.weights import WeightsError, load_weights
 
 
@@ -293,13 +293,14 @@ WEIGHTS_MADE_BY = ("jobs/train_classifier.py (its classifier.pt) or torchvision'
                    "weights saved as a state dict")
 
 
-def load_weights_file(model: XrayDenseNet, path: Path) -> None:
-    """Load a local state dict (ours or torchvision-format) into ``model``; WeightsError when
-    the file is absent, not trusted or does not fit."""
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    state = load_weights(path.read_bytes(), source=str(path), made_by=WEIGHTS_MADE_BY)
-    load_state(model, state, str(path))
+def load_weights_file(model: XrayDenseNet, path: str | os.PathLike[str]) -> None:
+    """Load a state dict file (ours or torchvision-format; a path or an s3:// URI) into
+    ``model``; WeightsError when the file is absent, not trusted or does not fit."""
+    loc = resolve(str(path))
+    if not loc.is_file():
+        raise WeightsError(f"weights file not found: {loc.uri}")
+    state = load_weights(loc.read_bytes(), source=loc.uri, made_by=WEIGHTS_MADE_BY)
+    load_state(model, state, loc.uri)
 
 
 def load_state(model: XrayDenseNet, state: Any, source: str) -> None:
@@ -326,7 +327,7 @@ def densenet121_xray(
 ) -> XrayDenseNet:
     """DenseNet-121 (or a smaller sibling, for tests and demos) for one-channel X-rays.
 
-    ``weights_path``: a local state dict, ours or torchvision-format; None keeps torchvision's
+    ``weights_path``: a state dict file (a path or an s3:// URI), ours or torchvision-format; None keeps torchvision's
     random initialisation. Never downloads.
     """
     config = DenseNetConfig(
@@ -339,5 +340,5 @@ def densenet121_xray(
     )
     model = XrayDenseNet(config)
     if weights_path is not None:
-        load_weights_file(model, Path(weights_path))
+        load_weights_file(model, weights_path)
     return model
