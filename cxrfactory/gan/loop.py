@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from cxrfactory import filenames
+from cxrfactory.errors import find_user_error
 from cxrfactory.gan.artifact import save_generator_artifact
 from cxrfactory.gan.config import Config, ConfigError
 from cxrfactory.models import build_discriminators, build_generator, noise_for_seeds
 from cxrfactory.gan.plots import save_loss_curves, save_sample_grid
-from cxrfactory.storage import check_writable, resolve
+from cxrfactory.storage import Location, check_writable, resolve
 from cxrfactory.gan import checkpoint as ckpt
 from cxrfactory.gan.data import (
     EpochPlan,
@@ -165,8 +166,9 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     """Run (or resume) a training run on Ray Train; returns rank 0's final report.
 
     Starts a local Ray unless one is up or ``RAY_ADDRESS`` names a cluster. User mistakes raise
-    before any worker starts (``ValueError`` subclasses, ``StorageError``, ``ManifestError``);
-    a run that still fails after ``options.max_failures`` recoveries raises :class:`TrainingError`.
+    a :class:`~cxrfactory.errors.UserError` before any worker starts, and one met inside a
+    worker (a full disk) comes back as itself; a run that still fails after
+    ``options.max_failures`` recoveries raises :class:`TrainingError`.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -178,13 +180,7 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     plan = plan or prepare_run(config, options)
     log(describe(plan))
     run = resolve(plan.run_uri, options.s3_endpoint)
-    run.join(filenames.CONFIG).write_text(json.dumps({
-        "config": config.to_dict(), "classes": list(config.model.classes), "data": options.data,
-        "run_name": options.run_name, "options": asdict(options),
-        "epoch_plan": {"rows": plan.epochs.rows, "steps_per_epoch": plan.epochs.steps_per_epoch,
-                       "per_class": plan.epochs.per_class, "class_counts": plan.epochs.class_counts},
-        "total_steps": plan.total_steps,
-    }, indent=2) + "\n")
+    _save_run_config(run, config, options, plan)
     init_ray()
     t = config.train
     if t.use_gpu and not ray.cluster_resources().get("GPU"):
@@ -213,6 +209,8 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        if (user_error := find_user_error(exc)) is not None:
+            raise user_error from exc  # e.g. a full disk in a worker: one line, exit status 2
         raise TrainingError(f"training failed after {options.max_failures} recovery attempt(s): "
                             f"{_root_cause(exc)}") from exc
     m = dict(result.metrics or {})
@@ -222,6 +220,17 @@ def train(config: Config, options: RunOptions, *, log: Callable[[str], None] = p
         checkpoint_uri=run.join(posixpath.basename(result.checkpoint.path)).uri if result.checkpoint else None,
         resumed_from=m.get("resumed_from"), param_digests=list(m.get("param_digests", [])), metrics=m,
     )
+
+
+def _save_run_config(run: Location, config: Config, options: RunOptions, plan: RunPlan) -> None:
+    """``<run>/config.json``: the resolved run, its options and its epoch plan."""
+    run.join(filenames.CONFIG).write_text(json.dumps({
+        "config": config.to_dict(), "classes": list(config.model.classes), "data": options.data,
+        "run_name": options.run_name, "options": asdict(options),
+        "epoch_plan": {"rows": plan.epochs.rows, "steps_per_epoch": plan.epochs.steps_per_epoch,
+                       "per_class": plan.epochs.per_class, "class_counts": plan.epochs.class_counts},
+        "total_steps": plan.total_steps,
+    }, indent=2) + "\n")
 
 
 def _root_cause(exc: BaseException) -> str:
