@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxrfactory.classifier.utility_config import KIND, UtilityConfig  # noqa: E402
 from cxrfactory.config import add_config_arguments, config_from_args  # noqa: E402
 from cxrfactory.errors import UserError  # noqa: E402
+from cxrfactory import filenames  # noqa: E402
 from cxrfactory.runtime import run_job  # noqa: E402
+from cxrfactory.storage import resolve  # noqa: E402
 from jobs.train_classifier import DEFAULT_PRESET, add_classifier_arguments, classifier_flags  # noqa: E402
 
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     target = config.target_per_class or _largest_class(classifier)
     result = evaluate_utility(classifier, classifier.synthetic, target, classifier.out, split=config.split)
     print(format_table(result))
-    print(f"[utility] {Path(classifier.out).absolute() / 'utility.json'}")
+    print(f"[utility] {resolve(classifier.out, classifier.s3_endpoint).join(filenames.UTILITY).uri}")
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxrfactory.errors import UserError  # noqa: E402
-from cxrfactory.runtime import run_job  # noqa: E402
+from cxrfactory.runtime import one_line, run_job  # noqa: E402
 from cxrfactory.shard_migration import migrate  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         try:
             migrate(root, s3_endpoint=args.s3_endpoint)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
             failed.append(root)
     if failed:
         print(f"error: {len(failed)} of {len(args.roots)} folder(s) not migrated: {', '.join(failed)}",

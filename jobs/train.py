@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from cxrfactory.config import add_config_arguments, config_from_args, preset_data  # noqa: E402
+from cxrfactory.config import ConfigError, add_config_arguments, config_from_args, parse_overrides, preset_data  # noqa: E402
 from cxrfactory.gan.config import GAN_ARCHITECTURES, KIND, Config  # noqa: E402
 from cxrfactory.runtime import run_job  # noqa: E402
 from cxrfactory.gan.loop import RunOptions, TrainingError, prepare_run, train  # noqa: E402
@@ -87,7 +87,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     # The step flags count global batches: they become images at the resolved batch size.
     steps = {"train.checkpoint_every_images": args.checkpoint_every, "train.log_every_images": args.log_every}
     steps = {k: v * config.train.batch_size for k, v in steps.items() if v is not None}
-    return config.with_overrides(steps) if steps else config
+    if not steps:
+        return config
+    # Flags, then --set: a --set of the same field still has the last word.
+    try:
+        return config.with_overrides({**steps, **parse_overrides(args.set)})
+    except ConfigError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
 
 
 def main(argv=None) -> int:

@@ -194,6 +194,9 @@ def test_train_resolves_preset_then_smoke_then_flags_then_set():
     assert (config.model.ngf, config.train.max_steps, config.train.batch_size) == (16, 2, 4)  # smoke, flag
     assert config.train.checkpoint_every_images == 12  # steps x the resolved batch
     assert _resolve("train", [*base, "--epochs", "3", "--set", "train.epochs=5"]).train.epochs == 5
+    # --set has the last word over the step flags too (they become images after the others)
+    assert _resolve("train", [*base, "--checkpoint-every", "2",
+                              "--set", "train.checkpoint_every_images=999"]).train.checkpoint_every_images == 999
     assert _resolve("train", base) == load_config("paper")
 
 
@@ -241,6 +244,20 @@ def test_report_takes_a_file_under_its_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # no input at all, as before: a usage error
         _resolve("report", ["--out", "o"])
     assert exit_info.value.code == 2 and "give at least one input" in capsys.readouterr().err
+
+
+def test_make_phantoms_takes_a_file_under_its_flags(tmp_path, capsys):
+    import jobs.make_phantoms as make_phantoms
+
+    path = tmp_path / "phantoms.yaml"
+    path.write_text("num_images: 40\nresolution: 64\nmin_per_class: 2\n")
+    args = make_phantoms.parse_args(["--out", "o", "--config", str(path), "--resolution", "32",
+                                     "--set", "seed=5"])
+    assert (args.phantoms.num_images, args.phantoms.resolution, args.phantoms.min_per_class,
+            args.phantoms.seed) == (40, 32, 2, 5)
+    with pytest.raises(SystemExit) as exit_info:  # neither a count nor metadata: usage error
+        make_phantoms.parse_args(["--out", "o"])
+    assert exit_info.value.code == 2 and "--num-images is required" in capsys.readouterr().err
 
 
 def test_demo_sizes_come_from_the_presets_and_set():

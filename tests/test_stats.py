@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxrfactory.storage import StorageError
 from cxrfactory.metrics.stats import FeatureStats
 
 CLASSES = ("Normal", "Effusion", "Mass")
@@ -191,7 +192,7 @@ def test_npz_round_trip_with_metadata(tmp_path) -> None:
 
 
 def test_npz_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
+    with pytest.raises(StorageError, match="missing.npz"):
         FeatureStats.load(tmp_path / "missing.npz")
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"not a zip file")

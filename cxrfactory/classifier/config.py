@@ -120,4 +120,4 @@ def load_classifier_preset(name: str, **required: Any) -> ClassifierConfig:
 
 def build_model(config: ClassifierConfig, num_classes: int) -> XrayDenseNet:
     return densenet121_xray(num_classes=num_classes, weights_path=config.weights,
-                            **NETWORK_SIZES[config.arch])
+                            s3_endpoint=config.s3_endpoint, **NETWORK_SIZES[config.arch])

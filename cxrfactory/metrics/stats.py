@@ -21,12 +21,11 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrfactory.storage import resolve
+from cxrfactory.storage import StorageError, resolve
 
 __all__ = ["FeatureStats"]
 
@@ -301,11 +300,12 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureStats:
-        """Read a file written by :meth:`save`; metadata comes back in :attr:`meta`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"statistics file not found: {path}")
-        return cls.from_bytes(path.read_bytes(), source=str(path))
+        """Read a file written by :meth:`save` (a path or an s3:// URI); metadata comes back in
+        :attr:`meta`. A missing file is a :class:`~cxrfactory.storage.StorageError`."""
+        loc = resolve(str(path))
+        if not loc.is_file():
+            raise StorageError(f"statistics file not found: {loc.uri}")
+        return cls.from_bytes(loc.read_bytes(), source=loc.uri)
 
 
 def _stack_rows(column: Any) -> np.ndarray:

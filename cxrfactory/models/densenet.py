@@ -293,10 +293,11 @@ WEIGHTS_MADE_BY = ("jobs/train_classifier.py (its classifier.pt) or torchvision'
                    "weights saved as a state dict")
 
 
-def load_weights_file(model: XrayDenseNet, path: str | os.PathLike[str]) -> None:
+def load_weights_file(model: XrayDenseNet, path: str | os.PathLike[str],
+                      s3_endpoint: str | None = None) -> None:
     """Load a state dict file (ours or torchvision-format; a path or an s3:// URI) into
     ``model``; WeightsError when the file is absent, not trusted or does not fit."""
-    loc = resolve(str(path))
+    loc = resolve(str(path), s3_endpoint)
     if not loc.is_file():
         raise WeightsError(f"weights file not found: {loc.uri}")
     state = load_weights(loc.read_bytes(), source=loc.uri, made_by=WEIGHTS_MADE_BY)
@@ -319,6 +320,7 @@ def densenet121_xray(
     *,
     num_classes: int,
     weights_path: str | os.PathLike[str] | None = None,
+    s3_endpoint: str | None = None,
     memory_efficient: bool = False,
     growth_rate: int = 32,
     block_config: tuple[int, ...] = (6, 12, 24, 16),
@@ -340,5 +342,5 @@ def densenet121_xray(
     )
     model = XrayDenseNet(config)
     if weights_path is not None:
-        load_weights_file(model, weights_path)
+        load_weights_file(model, weights_path, s3_endpoint)
     return model
