@@ -142,6 +142,11 @@ def _provenance(manifest: shards.Manifest) -> list[str]:
         items.append(f"- target per class: {extra['target_per_class']:,}"
                      + (f", counting the real rows of `{against['uri']}` split "
                         f"`{against['split']}`" if against else ""))
+    if extra.get("audit"):
+        audit = extra["audit"]
+        items.append(f"- memorization audit: {len(audit.get('excluded', [])):,} flagged image(s) "
+                     f"excluded, {sum(audit.get('replaced', {}).values()):,} replaced from further "
+                     f"seeds (audits, rule and thresholds in `{filenames.MANIFEST}`)")
     if manifest.skipped:
         items.append(f"- {len(manifest.skipped)} input image(s) skipped, each with its reason, "
                      f"in `{filenames.MANIFEST}`")

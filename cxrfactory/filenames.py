@@ -31,6 +31,13 @@ CARD = "_README.md"  # the dataset card
 # -- evaluation outputs ----------------------------------------------------------------------
 FDD_JSON, FDD_CSV, FDD_MD = "fdd.json", "fdd.csv", "fdd.md"
 UTILITY = "utility.json"
+AUDIT = "audit.json"  # a memorization audit's summary: rule, thresholds, flagged per class
+FLAGGED = "flagged.parquet"  # a memorization audit's flagged synthetic images, one row each
+CLOSEST = "closest.png"  # a memorization audit's closest pairs, side by side
+
+# -- feature banks: <shard root>/_features/<classifier sha256[:16]>/<split>-<identity>/ -------
+FEATURES = "_features"  # hidden from the shard readers by its leading "_"
+BANK = "bank.json"  # a bank's identity and counts, written last: the bank is complete
 REPORT_HTML, REPORT_MD = "report.html", "report.md"
 
 # -- a phantom folder ------------------------------------------------------------------------

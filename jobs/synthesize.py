@@ -3,13 +3,20 @@
     python jobs/synthesize.py --generator PATH --target-per-class 20000 --out s3://bucket/cxr-synth
         [--classes Normal Effusion ...] [--balance-against REAL_URI [--split train]] [--seed S]
         [--batch-size B] [--rows-per-file R] [--resolution PX] [--workers W]
-        [--gpus-per-worker G] [--cpus-per-worker C] [--s3-endpoint URL] [--overwrite]
-        [--config FILE] [--set field=value ...]
+        [--gpus-per-worker G] [--cpus-per-worker C] [--exclude-flagged AUDIT_DIR ...]
+        [--s3-endpoint URL] [--overwrite] [--config FILE] [--set field=value ...]
 
 Every selected class ends with exactly N synthetic rows; with --balance-against, N minus its
 real count in that split (never below 0), so real + synthetic = N per class. Run the same
 command again after a stop: only the missing files are made. --config FILE (YAML/JSON) gives any
 SynthesisConfig field; the flags override it and --set field=value overrides both.
+
+A clean set: --exclude-flagged AUDIT_DIR (repeatable; the --out of jobs/audit.py on a set of
+this generator and --seed) leaves out every image the audit flagged, and every image the
+audited set had itself excluded, and makes replacements from further seeds: still exactly N
+rows per class, each regenerable from its seed; the manifest records the audits (rule,
+thresholds) and how many images per class were replaced. Write it to a new --out, then audit
+it again to check the replacements.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
                    help="CPUs per actor, its torch and PNG threads (default: the cluster's CPUs "
                         "shared by the workers; at most 8 for GPU workers)")
+    p.add_argument("--exclude-flagged", action="append", default=None, metavar="AUDIT_DIR",
+                   help="memorization audit folder (jobs/audit.py --out) of a set of this generator "
+                        "and seed: leave out its flagged images and make replacements from further "
+                        "seeds (repeatable)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace what the output holds")
     add_config_arguments(p)
@@ -64,7 +75,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
         parser.error("--split only applies with --balance-against")
     names = ("generator", "out", "target_per_class", "classes", "balance_against", "split", "seed",
              "batch_size", "rows_per_file", "resolution", "workers", "gpus_per_worker",
-             "cpus_per_worker", "s3_endpoint", "overwrite")
+             "cpus_per_worker", "exclude_flagged", "s3_endpoint", "overwrite")
     flags = {name: getattr(args, name) for name in names}
     return config_from_args(parser, args, SynthesisConfig, flags={**flags, "command": command})
 

@@ -4,10 +4,12 @@
     manifest = synthesize(SynthesisConfig(generator="runs/demo/generator",
                                           out="s3://bucket/cxr-synth", target_per_class=20_000))
 
-``plan`` (config, seeds, files to write; no Ray), ``rows`` (PNG and row of one generated
-image, :func:`regenerate`), ``pipeline`` (the Ray Data run, resume, the manifest).
+``plan`` (config, seeds, files to write; no Ray), ``exclusions`` (the images memorization
+audits flagged, for a clean set; no Ray), ``rows`` (PNG and row of one generated image,
+:func:`regenerate`), ``pipeline`` (the Ray Data run, resume, the manifest).
 """
 
+from cxrfactory.synthesis.exclusions import Audit, Exclusions, load_exclusions
 from cxrfactory.synthesis.pipeline import (
     ShardWriter,
     SynthesisRun,
@@ -21,6 +23,7 @@ from cxrfactory.synthesis.plan import (
     SynthesisConfig,
     SynthesisError,
     WorkItem,
+    exclude_images,
     format_plan,
     image_seed,
     image_seeds,
@@ -32,8 +35,9 @@ from cxrfactory.synthesis.plan import (
 from cxrfactory.synthesis.rows import encode_image, regenerate, resize_image, synthetic_rows
 
 __all__ = [
-    "ClassPlan", "ShardWriter", "SynthesisConfig", "SynthesisError", "SynthesisRun", "WorkItem",
-    "actor_resources", "encode_image", "format_plan", "image_seed", "image_seeds", "plan_classes",
-    "plan_work", "prepare_synthesis", "real_counts", "regenerate", "resize_image", "run_synthesis",
+    "Audit", "ClassPlan", "Exclusions", "ShardWriter", "SynthesisConfig", "SynthesisError",
+    "SynthesisRun", "WorkItem", "actor_resources", "encode_image", "exclude_images", "format_plan",
+    "image_seed", "image_seeds", "load_exclusions", "plan_classes", "plan_work",
+    "prepare_synthesis", "real_counts", "regenerate", "resize_image", "run_synthesis",
     "synthesize", "synthetic_image_id", "synthetic_rows",
 ]

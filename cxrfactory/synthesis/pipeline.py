@@ -8,6 +8,8 @@ How it runs:
 
 1. **Plan** (driver): per class ``N``, or ``N`` minus its real count in ``balance_against``
    (never below 0), cut into work items, one per output file: ``(class, [start, stop))``.
+   With ``exclude_flagged``, the images memorization audits flagged are skipped and replaced
+   by the next indices' (:mod:`~cxrfactory.synthesis.exclusions`); an item lists its skips.
 2. **Generate and write** (Ray Data): ``map_batches`` with :class:`ShardWriter`, an actor
    holding the generator (on a GPU when the cluster has them), one work item per call: it
    generates in batches, encodes PNGs and writes the file itself, atomically. One call per
@@ -16,9 +18,9 @@ How it runs:
 
 Determinism (docs/architecture.md, "Seeds"): image ``i`` of class ``k`` has the seed
 ``image_seed(run_seed, k, i)`` and its noise depends on that seed alone; a file's batches are
-cut from its own start, so the bytes depend on (generator, seed, rows per file, batch size) and
-never on the number of workers or the order they finish in. :func:`regenerate` remakes a row's
-image from its seed.
+cut from its own start, so the bytes depend on (generator, seed, rows per file, batch size,
+excluded images) and never on the number of workers or the order they finish in.
+:func:`regenerate` remakes a row's image from its seed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,11 +46,13 @@ from cxrfactory.gan.artifact import GeneratorArtifact, load_generator_artifact, 
 from cxrfactory.models.sampling import generate
 from cxrfactory.storage import Location, check_writable, resolve
 from cxrfactory.weights import ArtifactFiles
+from cxrfactory.synthesis.exclusions import Exclusions, exclusion_summary, load_exclusions
 from cxrfactory.synthesis.plan import (
     ClassPlan,
     SynthesisConfig,
     SynthesisError,
     WorkItem,
+    exclude_images,
     format_plan,
     image_seeds,
     plan_classes,
@@ -95,8 +99,9 @@ class ShardWriter:
         for i in range(len(batch["path"])):  # one item per call (batch_size=1), but stay general
             started = time.perf_counter()
             path, label = str(batch["path"][i]), str(batch["label"][i])
+            skip = tuple(int(j) for j in str(batch["skip"][i]).split()) if "skip" in batch else ()
             rows = self.make_rows(label, int(batch["class_index"][i]), int(batch["start"][i]),
-                                  int(batch["stop"][i]))
+                                  int(batch["stop"][i]), skip)
             shards.write_shard(self.root.join(path), shards.make_table(rows))
             # cpu_seconds: this actor's CPU time so far (start-up included), for the benchmarks.
             for key, value in (("path", path), ("label", label), ("rows", len(rows)),
@@ -105,14 +110,15 @@ class ShardWriter:
                 out[key].append(value)
         return out
 
-    def make_rows(self, label: str, class_index: int, start: int, stop: int) -> list[dict[str, Any]]:
-        """Rows of images ``[start, stop)`` of a class, batches cut from ``start``.
+    def make_rows(self, label: str, class_index: int, start: int, stop: int,
+                  skip: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of images ``[start, stop)`` of a class less ``skip``, batches cut from ``start``.
 
         PNG encoding (and resizing) runs on a thread pool while the generator makes the next
         batch: PIL releases the GIL there, and on a GPU encoding one image costs several times
         more than generating it (BENCHMARKS.md).
         """
-        seeds = image_seeds(self.seed, class_index, start, stop)
+        seeds = image_seeds(self.seed, class_index, start, stop, skip)
         pngs = []
         for first in range(0, len(seeds), self.batch_size):
             chunk = seeds[first:first + self.batch_size]
@@ -181,6 +187,7 @@ class SynthesisRun:
     identity: dict[str, Any]  # what the output's fingerprint is made of
     complete: shards.Manifest | None  # the manifest when the folder is already finished
     stats: PipelineStats | None = None  # set by run_synthesis once the pipeline ran
+    exclusions: Exclusions | None = None  # the audits' flagged images (exclude_flagged)
 
 
 def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = print) -> SynthesisRun:
@@ -197,6 +204,12 @@ def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = p
     if config.balance_against is not None:
         real = real_counts(config.balance_against, config.split, config.s3_endpoint)
     plan = plan_classes(classes, artifact.classes, config.target_per_class, real)
+    exclusions = None
+    if config.exclude_flagged:
+        exclusions = load_exclusions(config.exclude_flagged, classes=classes,
+                                     vocabulary=artifact.classes, generator_sha256=artifact.sha256,
+                                     seed=config.seed, s3_endpoint=config.s3_endpoint)
+        plan = exclude_images(plan, config.seed, exclusions.image_ids)
     items = plan_work(plan, config.rows_per_file)
     out = resolve(config.out, config.s3_endpoint)
     check_writable(out)
@@ -206,6 +219,8 @@ def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = p
     if config.balance_against is not None:
         log(f"[synthesize] balancing against {config.balance_against} split {config.split!r}: "
             f"real + synthetic = {config.target_per_class} per class")
+    if exclusions is not None:
+        log(f"[synthesize] {exclusion_summary(exclusions, plan)}")
     log(format_plan(plan))
 
     # Batch size and worker count are not part of the identity: a run stopped on one machine
@@ -216,12 +231,14 @@ def prepare_synthesis(config: SynthesisConfig, *, log: Callable[[str], None] = p
         "classes": list(classes), "target_per_class": config.target_per_class,
         "plan": [[p.label, p.real, p.to_generate] for p in plan],
     }
+    if exclusions is not None:  # only then: the fingerprints of earlier runs stay as they were
+        identity["excluded"] = sorted(exclusions.image_ids)
     if not config.overwrite:
         _refuse_another_run(out, identity)
     state = shards.prepare_output(out, identity, overwrite=config.overwrite)
     todo = [item for item in items if item.path not in state["existing"]]
     return SynthesisRun(config, artifact, files, out, resolution, plan, items, todo, identity,
-                        state["complete"])
+                        state["complete"], exclusions=exclusions)
 
 
 def _refuse_another_run(out: Location, identity: dict[str, Any]) -> None:
@@ -282,7 +299,7 @@ def _run_pipeline(run: SynthesisRun, todo: list[WorkItem], log: Callable[[str], 
     res = actor_resources(config)
     if config.gpus_per_worker > 0 and not res["use_gpu"]:
         log("[synthesize] the cluster has no GPU: running the generator on CPU actors")
-    ds = ray.data.from_items([asdict(item) for item in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items([item.as_row() for item in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={
@@ -298,7 +315,7 @@ def _run_pipeline(run: SynthesisRun, todo: list[WorkItem], log: Callable[[str], 
         num_cpus=res["num_cpus"],
         num_gpus=res["num_gpus"] or None,
     )
-    total = sum(item.stop - item.start for item in todo)
+    total = sum(item.rows for item in todo)
     done_files, done_rows, busy, peak_rss = 0, 0, 0.0, 0.0
     cpu_by_actor: dict[int, float] = {}
     started = time.perf_counter()
@@ -329,7 +346,7 @@ def _manifest_from_shards(run: SynthesisRun) -> shards.Manifest:
     return shards.manifest_from_shards(
         run.out, [(item.path, shards.SYNTHETIC_SPLIT) for item in items], source=SOURCE,
         classes=[p.label for p in plan], splits=(shards.SYNTHETIC_SPLIT,), config=config,
-        expected_rows={item.path: item.stop - item.start for item in items},
+        expected_rows={item.path: item.rows for item in items},
         extra={
             "generator": run.artifact.sha256, "generator_uri": config.generator,
             "seed": config.seed, "target_per_class": config.target_per_class,
@@ -341,5 +358,6 @@ def _manifest_from_shards(run: SynthesisRun) -> shards.Manifest:
             "generator_run": {k: run.artifact.meta[k] for k in ("run_name", "step", "images_seen")
                               if k in run.artifact.meta},
             "command": config.command,
+            **({"audit": run.exclusions.record(plan)} if run.exclusions is not None else {}),
         },
     )
