@@ -20,13 +20,8 @@ from cxrfactory.images import decode_png, encode_png
 from cxrfactory.data import nih
 from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
 from cxrfactory.metrics.fdd import PAPER_PROTOCOL, FDDConfig
-from cxrfactory.metrics.fdd_pipeline import (
-    HALF_SALT,
-    SAMPLE_SALT,
-    FDDError,
-    FeatureExtractor,
-    select_rows,
-)
+from cxrfactory.metrics.bank import SAMPLE_SALT, BankArrays, FeatureEmbedder
+from cxrfactory.metrics.fdd_pipeline import HALF_SALT, FDDError, side_stats
 from cxrfactory.metrics.frechet import frechet_distance
 from cxrfactory.metrics.stats import FeatureStats
 from cxrfactory.classifier.artifact import read_classifier_files, save_classifier_artifact
@@ -177,6 +172,24 @@ def test_fdd_matches_direct_computation(first_run, fdd_inputs) -> None:
     assert not result["real"]["statistics_reused"]
 
 
+def test_sample_metrics_read_the_same_rows(first_run, fdd_inputs) -> None:
+    """KID, PRDC and FDD's excess come from the bank rows FDD's statistics were made from: the
+    Fréchet distance recomputed from the rows equals the statistics' one, and a set identical
+    to the real split sits at the ideal values."""
+    result = first_run["result"]
+    assert result["metrics"]["selected"] == ["fdd", "class_consistency", "kid", "prdc"]
+    for c in CLASSES:
+        same, noisy = result["synthetic"]["same"], result["synthetic"]["noisy"]
+        for row in (same, noisy):
+            assert row["fdd_excess"][c]["fdd"] == pytest.approx(row["fdd"][c], rel=1e-6, abs=1e-9)
+            assert row["fdd_excess"][c]["floor"] == pytest.approx(result["floor"][c], rel=1e-6, abs=1e-9)
+            lo, hi = row["fdd_excess"][c]["interval"]
+            assert lo <= hi
+        assert same["fdd_excess"][c]["excess"] < 0  # 0 minus a positive floor
+        assert same["prdc"][c]["precision"] == same["prdc"][c]["recall"] == same["prdc"][c]["coverage"] == 1.0
+        assert same["kid"][c]["kid"] < noisy["kid"][c]["kid"]
+
+
 def test_tables_follow_the_paper_layout(first_run) -> None:
     out = first_run["out"]
     csv = pd.read_csv(out / "fdd.csv")
@@ -261,45 +274,50 @@ def test_outputs_and_cache_on_s3(first_run, fdd_inputs, s3_bucket, s3_endpoint) 
         first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
 
 
-def test_select_rows_samples_per_class_and_keys_halves() -> None:
-    ids = [f"img{i}" for i in range(200)]
-    labels = ["A", "B"] * 100
-    patients = np.arange(200) // 2  # two images per patient: a patient never straddles halves
-    fractions = stable_fraction(ids, SAMPLE_SALT)
-    threshold_a = np.sort(fractions[np.array(labels) == "A"])[9]  # the 10 smallest of class A
-    batch = pa.table({"image_id": ids, "label": labels, "patient_id": patients,
-                      "image": [{"bytes": b"", "path": str(i)} for i in range(200)]})
-    kept = select_rows(batch, side=2, thresholds={"A": threshold_a}, halves=True).to_pydict()
-    assert kept["label"].count("A") == 10 and kept["label"].count("B") == 100
-    assert set(kept["key"]) <= {"2:A/a", "2:A/b", "2:B/a", "2:B/b"}
-    half_of = {}
-    for image, key in zip(kept["image"], kept["key"]):
-        assert half_of.setdefault(patients[int(image["path"])], key[-1]) == key[-1]
-    assert 0.4 < (fractions < 0.5).mean() < 0.6  # roughly uniform
-    plain = select_rows(batch, side=0, thresholds={}, halves=False).to_pydict()
-    assert len(plain["key"]) == 200 and plain["key"][0] == "0:A"
+def test_side_stats_keys_patient_halves_and_counts_hits() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    patients = np.array([f"p{i // 2}" for i in range(n)])  # two images per patient
+    labels = np.array(["A", "B", "C"] * 66 + ["A", "B"])
+    predicted = np.where(np.arange(n) % 4 == 0, "B", labels)  # every 4th row guessed "B"
+    rows = BankArrays(np.array([f"img{i}" for i in range(n)]), labels, patients, predicted,
+                      rng.normal(size=(n, 3)).astype(np.float32), None)
+    side = side_stats(rows, ["A", "B"], known=("A", "B"), halves=True)
+    assert set(side.stats.labels) == {"A/a", "A/b", "B/a", "B/b"}  # class C is not evaluated
+    first = stable_fraction(patients, HALF_SALT) < 0.5
+    for label in ("A", "B"):
+        mine = labels == label
+        assert side.stats.count(f"{label}/a") == int((mine & first).sum())
+        merged = side.by_class()
+        np.testing.assert_allclose(merged.mean_cov(label)[0], rows.feature[mine].astype(np.float64).mean(axis=0), rtol=1e-9)
+        assert side.accuracy(label) == pytest.approx(float(np.mean(predicted[mine] == label)))
+    # a patient's images never straddle the halves
+    for p in np.unique(patients):
+        assert len(set(first[patients == p])) == 1
+    unknown = side_stats(rows, ["C"], known=("A", "B"), halves=False)
+    assert unknown.accuracy("C") is None and unknown.stats.count("C") == int((labels == "C").sum())
 
 
-def test_feature_extractor_partials_merge_exactly(fdd_inputs) -> None:
-    """Two calls on parts of a batch, merged, equal one call on the whole batch."""
+def test_feature_embedder_matches_direct_features(fdd_inputs) -> None:
+    """The bank's actor gives each image the features computed one by one in this process,
+    the classifier's top-1 class and an area-averaged thumbnail of the stored pixels."""
+    from cxrfactory.metrics.bank import THUMB
+
     rows = read_split(fdd_inputs["real"], "test").head(12)
     table = pa.Table.from_pandas(rows[["image", "label", "image_id", "patient_id"]], preserve_index=False)
-    batch = {k: np.array(v, dtype=object)
-             for k, v in select_rows(table, side=0, thresholds={}, halves=True).to_pydict().items()}
-    # One image per forward pass: float32 convolutions then give the same features whatever
-    # the split, and the comparison isolates the statistics' merge
-    extractor = FeatureExtractor(read_classifier_files(fdd_inputs["classifier"]), inference_batch=1,
-                                 threads=1)
-    whole = FeatureStats.from_arrays(extractor(batch))
-    parts = [FeatureStats.from_arrays(extractor({k: v[s] for k, v in batch.items()}))
-             for s in (slice(0, 5), slice(5, 12))]
-    merged = parts[0] + parts[1]
-    assert sorted(whole.labels) == sorted(merged.labels) and all("/" in k for k in whole.labels)
-    assert sum(whole.count(k) for k in whole.labels) == 12
-    for key in whole.labels:
-        if whole.count(key) >= 2:
-            for x, y in zip(whole.mean_cov(key), merged.mean_cov(key)):
-                np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    table = table.append_column("bank", pa.array(np.zeros(len(rows), np.int32)))
+    embedder = FeatureEmbedder(read_classifier_files(fdd_inputs["classifier"]), inference_batch=5, threads=1)
+    out = embedder(table)
+    features = np.asarray(out.column("feature").to_pylist(), dtype=np.float64)
+    np.testing.assert_allclose(features, direct_features(rows, fdd_inputs["classifier"]), rtol=1e-4, atol=1e-5)
+    assert out.column("image_id").to_pylist() == rows["image_id"].tolist()
+    assert set(out.column("predicted").to_pylist()) <= set(CLASSES)
+    pixels = decode_png(rows["image"].iloc[0]["bytes"]).astype(np.float64)
+    block = RES // THUMB if RES >= THUMB else None
+    thumb = np.asarray(out.column("thumb")[0].as_py(), dtype=np.float64)
+    if block:  # an exact block average when the side divides evenly
+        expected = pixels.reshape(THUMB, block, THUMB, block).mean(axis=(1, 3)).reshape(-1)
+        np.testing.assert_allclose(thumb, np.round(expected), atol=1)
 
 
 def test_paper_protocol_counts() -> None:

@@ -1,21 +1,22 @@
-"""Per-class Fréchet DenseNet Distance (FDD) on Ray Data, and the paper's Table 1.
+"""Per-class Fréchet DenseNet Distance (FDD) and the sample-level metrics, and the paper's Table 1.
 
 For each class, FDD is the Fréchet distance between Gaussians fitted to the classifier's pooled
 features of real and of synthetic images of that class (lower is better). The pipeline::
 
-    read_shards ─▶ sample (exact N per class, by a hash of image_id) ─▶ FeatureExtractor actors
-    (decode PNG, the classifier's own preprocessing, features + logits; per-class partial
-    FeatureStats of each batch) ─▶ driver: exact merge ─▶ Fréchet distance per class
+    feature banks (metrics/bank.py: each set's rows, sampled per class by a hash of image_id,
+    embedded once per classifier by Ray Data actors and kept as Parquet next to the set)
+    ─▶ exact float64 statistics per class ─▶ Fréchet distance per class
+    ─▶ the registry's other metrics on the same rows (metrics/registry.py: KID, PRDC,
+       FDD's excess over the floor, memorization)
 
-Only O(d²) statistics per class per batch leave the actors, never the features. The real side
-is computed once per (real manifest, split, sampling, classifier sha256, preprocessing) and
-cached as ``.npz``; later runs against the same real set reuse it.
+The real side's statistics are also cached as ``.npz`` (``--real-stats``/``--cache-dir``), keyed
+by (real manifest, split, sampling, classifier sha256, preprocessing).
 
 Two references make the numbers readable: a floor, the FDD between two patient-disjoint halves
-of the real split through the same pipeline (what "as close as real images are to each other"
-looks like, measured at half the sample size, so slightly inflated), and class-consistency,
-the classifier's top-1 accuracy on each class's synthetic rows (is the image recognisably of
-its class), next to its accuracy on the real rows.
+of the real split (what "as close as real images are to each other" looks like, measured at
+half the sample size, so slightly inflated), and class-consistency, the classifier's top-1
+accuracy on each class's synthetic rows (is the image recognisably of its class), next to its
+accuracy on the real rows.
 """
 
 from __future__ import annotations
@@ -32,16 +33,9 @@ from cxrfactory import shards
 from cxrfactory.labels import validate_classes
 from cxrfactory.metrics.fdd_tables import OUTPUTS, write_outputs
 from cxrfactory.metrics.frechet import frechet_distance, prepare_reference
-from cxrfactory.metrics.fdd_pipeline import (
-    HALF_SALT,
-    HALVES,
-    FDDError,
-    FeatureCompute,
-    SAMPLE_SALT,
-    Side,
-    SideStats,
-    side_statistics,
-)
+from cxrfactory.metrics import registry
+from cxrfactory.metrics.bank import SAMPLE_SALT, BankCompute, BankRequest, ensure_banks
+from cxrfactory.metrics.fdd_pipeline import HALF_SALT, HALVES, FDDError, SideStats, side_stats
 from cxrfactory.metrics.stats import FeatureStats
 from cxrfactory.classifier.artifact import load_classifier_artifact, read_classifier_files
 from cxrfactory.named_sets import check_named_uris
@@ -78,8 +72,21 @@ class FDDConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0  # Ray CPUs per actor (also its torch threads, on CPU)
     s3_endpoint: str | None = None  # S3-compatible endpoint for s3:// locations
+    metrics: tuple[str, ...] = registry.DEFAULT  # by name (metrics/registry.py); fdd and class_consistency always
+    bank_dir: str | None = None  # where feature banks go; None: next to each set (<set>/_features)
+    bootstrap_reps: int = 100  # resamples of FDD's excess-over-floor interval
+    seed: int = 0  # the bootstrap's and KID's subset draws
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "metrics", registry.select(self.metrics))
+        except registry.MetricError as error:
+            raise FDDError(str(error)) from None
+        if self.bootstrap_reps < 10:
+            raise FDDError(f"bootstrap_reps must be >= 10 for a 95% interval, got {self.bootstrap_reps}")
+        if "memorization" in self.metrics and self.split == "train":
+            raise FDDError("memorization compares the training split with a held-out one: "
+                           "measure against --split test (or val)")
         object.__setattr__(self, "synthetic", check_named_uris(self.synthetic, error=FDDError))
         if not self.synthetic:
             raise FDDError("give at least one synthetic set (NAME=URI)")
@@ -204,8 +211,8 @@ def run_fdd(config: FDDConfig, log: Callable[[str], None] = print, *,
     """
     inputs = inputs or prepare_fdd(config, log)
     out = resolve(config.out, config.s3_endpoint)
-    real_side, measured, cache, cache_hit = _measure(config, inputs, out, log)
-    result = _result(config, inputs, real_side, measured, cache.uri, cache_hit, log)
+    real_side, measured, cache, cache_hit, rows = _measure(config, inputs, out, log)
+    result = _result(config, inputs, real_side, measured, rows, cache.uri, cache_hit, log)
     write_outputs(result, out)
     log(f"[fdd] wrote {', '.join(out.join(name).uri for name in OUTPUTS)}")
     return result
@@ -234,9 +241,11 @@ def prepare_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> FDDInp
 
 
 def _measure(config: FDDConfig, inputs: FDDInputs, out: Location,
-             log: Callable[[str], None]) -> tuple[SideStats, list[SideStats], Location, bool]:
-    """``(real side, synthetic sides, cache location, cache hit)``: the real side from its
-    cache when it holds it, every side still to measure through one pipeline."""
+             log: Callable[[str], None]
+             ) -> tuple[SideStats, list[SideStats], Location, bool, registry.EvaluationRows]:
+    """``(real side, synthetic sides, cache location, cache hit, bank rows)``: every side's
+    rows from its feature bank (built where missing, in one pipeline), the real side's
+    statistics from their cache when it holds them."""
     classes, wanted = inputs.classes, inputs.wanted
     identity = _cache_identity(config, inputs.artifact, inputs.real_sha, classes, wanted)
     if config.real_stats:
@@ -248,26 +257,38 @@ def _measure(config: FDDConfig, inputs: FDDInputs, out: Location,
     real_side = _load_cache(cache, identity)
     log(f"[fdd] real-side statistics {'reused from' if real_side else 'will be cached in'} {cache.uri}")
 
-    def side(uri: str, split: str, counts: Mapping[str, int], halves: bool) -> Side:
+    def request(uri: str, split: str, counts: Mapping[str, int]) -> BankRequest:
         available = {c: int(counts.get(c, 0)) for c in classes}
-        return Side(uri, split, sample_thresholds(uri, split=split, available=available, wanted=wanted,
-                                                  salt=SAMPLE_SALT, s3_endpoint=config.s3_endpoint),
-                    halves)
+        return BankRequest(uri, split, tuple(classes), sample_thresholds(
+            uri, split=split, available=available, wanted=wanted, salt=SAMPLE_SALT,
+            s3_endpoint=config.s3_endpoint))
 
-    todo = [side(uri, shards.SYNTHETIC_SPLIT, inputs.synthetic[name].counts[shards.SYNTHETIC_SPLIT], False)
-            for name, uri in config.synthetic]
-    if real_side is None:
-        todo.insert(0, side(config.real, config.split, inputs.real.counts[config.split], True))
-    compute = FeatureCompute(batch_rows=config.batch_rows, inference_batch=config.inference_batch,
-                             workers=config.workers, use_gpu=config.use_gpu,
-                             cpus_per_worker=config.cpus_per_worker, s3_endpoint=config.s3_endpoint)
-    measured = side_statistics(todo, classes=classes, files=inputs.files, config=compute)
+    requests = [request(config.real, config.split, inputs.real.counts[config.split])]
+    requests += [request(uri, shards.SYNTHETIC_SPLIT, inputs.synthetic[name].counts[shards.SYNTHETIC_SPLIT])
+                 for name, uri in config.synthetic]
+    memorization = "memorization" in config.metrics
+    if memorization:  # every row of the training split: a copy may be of any training image
+        train = inputs.real.counts.get("train", {})
+        requests.append(BankRequest(config.real, "train", tuple(c for c in inputs.real.classes if train.get(c)), {}))
+    compute = BankCompute(batch_rows=config.batch_rows, inference_batch=config.inference_batch,
+                          workers=config.workers, use_gpu=config.use_gpu,
+                          cpus_per_worker=config.cpus_per_worker, s3_endpoint=config.s3_endpoint)
+    banks = ensure_banks(requests, artifact=inputs.artifact, files=inputs.files, compute=compute,
+                         bank_dir=config.bank_dir, log=log)
+    known = inputs.artifact.classes
+    rows = registry.EvaluationRows(
+        tuple(classes), tuple(known), banks[0].load(thumbs=memorization, classes=classes),
+        {name: bank.load(thumbs=memorization, classes=classes)
+         for (name, _), bank in zip(config.synthetic, banks[1:])},
+        banks[-1].load(thumbs=True) if memorization else None,
+        seed=config.seed, bootstrap_reps=config.bootstrap_reps)
+    measured = [side_stats(arrays, classes, known, halves=False) for arrays in rows.synthetic.values()]
     cache_hit = real_side is not None
     if not cache_hit:
-        real_side = measured.pop(0)
+        real_side = side_stats(rows.real, classes, known, halves=True)
         cache.write_bytes(real_side.stats.to_bytes(**identity, correct=real_side.correct,
                                                    scored=real_side.scored))
-    return real_side, measured, cache, cache_hit
+    return real_side, measured, cache, cache_hit, rows
 
 
 def _distances(config: FDDConfig, classes: Sequence[str], real_stats: FeatureStats,
@@ -286,14 +307,13 @@ def _distances(config: FDDConfig, classes: Sequence[str], real_stats: FeatureSta
             "uri": uri,
             "n": {c: stats.stats.count(c) for c in classes},
             "fdd": {c: references[c].distance(*stats.stats.mean_cov(c)) for c in classes},
-            "class_consistency": {c: stats.accuracy(c) for c in classes},
         }
         log(f"[fdd] {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in rows[name]["fdd"].items()))
     return floor, rows
 
 
 def _result(config: FDDConfig, inputs: FDDInputs, real_side: SideStats, measured: Sequence[SideStats],
-            statistics_uri: str, cache_hit: bool, log: Callable[[str], None]) -> dict[str, Any]:
+            bank_rows: registry.EvaluationRows, statistics_uri: str, cache_hit: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """The distances, the warnings and the record of what was measured: fdd.json's content."""
     artifact, classes, wanted = inputs.artifact, inputs.classes, inputs.wanted
     real_stats, halves = real_side.by_class(), [real_side.by_class(h) for h in HALVES]
@@ -319,14 +339,30 @@ def _result(config: FDDConfig, inputs: FDDInputs, real_side: SideStats, measured
         "real": {"uri": config.real, "split": config.split, "manifest_sha256": inputs.real_sha,
                  "n": sizes[f"real ({config.split})"],
                  "n_halves": {c: [h.count(c) for h in halves] for c in classes},
-                 "class_consistency": {c: real_side.accuracy(c) for c in classes},
                  "statistics": statistics_uri, "statistics_reused": cache_hit},
         "floor": floor,
         "synthetic": rows,
         "warnings": notes,
     }
+    _add_metrics(result, config.metrics, bank_rows, log)
     _add_means(result)
     return result
+
+
+def _add_metrics(result: dict[str, Any], names: Sequence[str], rows: registry.EvaluationRows,
+                 log: Callable[[str], None]) -> None:
+    """Each selected registry metric's per-class values under its name in every synthetic
+    row (FDD's excess under ``fdd_excess``; FDD itself comes from the exact statistics), its
+    settings under ``metrics``."""
+    result["metrics"] = {"selected": list(names)}
+    for name, measured in registry.compute(names, rows).items():
+        key = "fdd_excess" if name == "fdd" else name
+        for set_name, values in measured.per_set.items():
+            result["synthetic"][set_name][key] = values
+        if name == "class_consistency":  # the same classifier on the real split: the reference
+            result["real"]["class_consistency"] = measured.info.pop("real")
+        result["metrics"][name] = measured.info
+        log(f"[fdd] {name} measured")
 
 
 def _require_paper_counts(wanted: Mapping[str, int], synthetic: Mapping[str, shards.Manifest]) -> None:
