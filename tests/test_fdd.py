@@ -23,7 +23,6 @@ from cxrfactory.metrics.fdd import PAPER_PROTOCOL, FDDConfig
 from cxrfactory.metrics.bank import SAMPLE_SALT, BankArrays, FeatureEmbedder
 from cxrfactory.metrics.fdd_pipeline import HALF_SALT, FDDError, side_stats
 from cxrfactory.metrics.frechet import frechet_distance
-from cxrfactory.metrics.stats import FeatureStats
 from cxrfactory.classifier.artifact import read_classifier_files, save_classifier_artifact
 from cxrfactory.weights import ArtifactError
 from cxrfactory.models.densenet import Preprocessing, densenet121_xray
