@@ -171,9 +171,26 @@ def test_excess_interval_contains_estimate_for_a_mild_shift() -> None:
     real, halves = _real_and_halves(400, 8)
     got = excess_over_floor(real, _gaussian(23, 300, 8, shift=0.1), halves, reps=100, seed=1)
     low, high = got["interval"]
-    assert got["excess"] == pytest.approx(got["fdd"] - got["floor"])
-    assert low <= got["excess"] <= high
-    assert got["reps"] == 100
+    assert low < got["excess"] < high
+    assert (low + high) / 2 == pytest.approx(got["excess"]) and high - low == pytest.approx(2 * 1.959964 * got["se"])
+    assert got["reps"] == 100 and got["m"] == 200  # the smaller of half_b (200) and the fake set
+
+
+def test_excess_is_unbiased_and_its_interval_covers_zero_for_real_like_images() -> None:
+    """Synthetic rows from the real distribution: the excess compares equal sizes, so it
+    centres on 0 (``fdd - floor`` would sit far below it), and the 95% interval holds 0 in
+    about 95% of draws, also with fewer rows than dimensions."""
+    covered, excesses = 0, []
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        real, fake = rng.normal(size=(100, 64)), rng.normal(size=(200, 64))
+        got = excess_over_floor(real, fake, (real[:50], real[50:]), reps=60, seed=seed)
+        low, high = got["interval"]
+        covered += low <= 0.0 <= high
+        excesses.append(got["excess"])
+        assert got["fdd"] - got["floor"] < 0  # the naive difference is biased below 0
+    assert covered >= 17
+    assert abs(np.mean(excesses)) < 2 * np.std(excesses) / np.sqrt(len(excesses)) + 0.5
 
 
 def test_excess_interval_excludes_zero_for_a_large_shift() -> None:
@@ -190,8 +207,8 @@ def test_excess_interval_deterministic_and_without_halves() -> None:
     assert excess_over_floor(real, fake, halves, reps=20, seed=7) == one
     assert excess_over_floor(real, fake, halves, reps=20, seed=8)["interval"] != one["interval"]
     none = excess_over_floor(real, fake, (real[:1], real[1:]), reps=20)
-    assert none == {"fdd": one["fdd"], "floor": None, "excess": None, "interval": None,
-                    "reps": 20}
+    assert none == {"fdd": one["fdd"], "floor": None, "excess": None, "se": None, "interval": None,
+                    "reps": 20, "m": None}
 
 
 # Misuse -----------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ The Fréchet distance (Heusel et al., "GANs Trained by a Two Time-Scale Update R
 to a Local Nash Equilibrium", NeurIPS 2017; FDD when the features are a domain classifier's)
 of finite samples is biased upwards, more so for fewer rows, so a number alone does not say
 how far a generator is from the real data. Two halves of the real set give a floor: the
-distance that sampling noise alone produces. The excess FD(real, fake) - FD(half_a, half_b)
-comes with a percentile bootstrap interval (Efron and Tibshirani, "An Introduction to the
-Bootstrap", 1993, ch. 13) in which every replicate resamples rows within each of the four
-sets independently.
+distance that sampling noise alone produces. The excess compares like with like, one real half
+against the synthetic rows and against the other real half at equal sizes, and comes with a
+bootstrap standard error and interval (Efron and Tibshirani, "An Introduction to the
+Bootstrap", 1993, ch. 6 and 13) in which every replicate resamples rows within each set
+independently.
 
 Bootstrapping needs hundreds of distances, each from freshly resampled rows. With fewer
 rows than dimensions (the usual case per class at d = 1024) there is a cheaper route than a
@@ -23,6 +24,8 @@ are smaller, and :func:`cxrfactory.metrics.frechet.frechet_distance` takes over.
 """
 
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 
@@ -64,11 +67,20 @@ def excess_over_floor(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, float | int | list[float] | None]:
-    """FD(real, fake), the floor FD(half_a, half_b), their difference and a ``level``
-    percentile bootstrap interval of the difference over ``reps`` replicates drawn by
-    ``numpy.random.default_rng(seed)``.
+    """FD(real, fake), the floor FD(half_a, half_b), the excess of synthetic over real at equal
+    sizes, its bootstrap standard error and the ``level`` interval excess ± z·SE (``reps``
+    replicates drawn by ``numpy.random.default_rng(seed)``).
 
-    ``real_halves`` are two disjoint parts of the real set (a random split). When either half
+    The excess is ``FD(half_a, fake_m) - FD(half_a, half_b_m)``: the same real half as the
+    reference of both distances, and ``m`` = min(|half_b|, |fake|) rows on the other side of
+    each, so the finite-sample bias of both terms is the same and a generator as good as the
+    real data scores 0 in expectation (``fdd - floor`` would not: FD(real, fake) is measured at
+    twice the floor's sample size, so its bias is smaller and the difference is negative even
+    for real images). Each bootstrap replicate redraws half_a (its size), half_b and fake (m
+    each) with replacement; an interval that excludes 0 from above means the synthetic images
+    are told apart from new real patients' at this sample size.
+
+    ``real_halves`` are two disjoint parts of the real set (patient halves). When either half
     has fewer than 2 rows there is no floor: ``floor``, ``excess`` and ``interval`` are None.
     """
     if reps < 1:
@@ -79,7 +91,7 @@ def excess_over_floor(
     fdd = _frechet(real, fake)
     half_a, half_b = (np.asarray(h, dtype=np.float64) for h in real_halves)
     result: dict[str, float | int | list[float] | None] = {
-        "fdd": fdd, "floor": None, "excess": None, "interval": None, "reps": reps,
+        "fdd": fdd, "floor": None, "excess": None, "se": None, "interval": None, "reps": reps, "m": None,
     }
     if min(len(half_a), len(half_b)) < 2:
         return result
@@ -91,18 +103,26 @@ def excess_over_floor(
             f"feature dimensions differ: real has {real.shape[1]}, its halves {half_a.shape[1]}"
         )
     floor = _frechet(half_a, half_b)
-
+    m = min(len(half_b), len(fake))
     rng = np.random.default_rng(seed)
+    # The point estimate: m rows of each second side, drawn without replacement.
+    fake_m = fake[rng.permutation(len(fake))[:m]]
+    b_m = half_b[rng.permutation(len(half_b))[:m]]
+    excess = _frechet(half_a, fake_m) - _frechet(half_a, b_m)
 
-    def resample(x: np.ndarray) -> np.ndarray:
-        return x[rng.integers(0, x.shape[0], size=x.shape[0])]
+    def draw(x: np.ndarray, size: int) -> np.ndarray:
+        return x[rng.integers(0, x.shape[0], size=size)]
 
     excesses = np.empty(reps)
     for r in range(reps):
         # One draw per set per replicate, always in this order, so a seed fixes the interval.
-        real_r, fake_r, a_r, b_r = (resample(x) for x in (real, fake, half_a, half_b))
-        excesses[r] = _frechet(real_r, fake_r) - _frechet(a_r, b_r)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(excesses, [tail, 1.0 - tail])
-    result.update(floor=floor, excess=fdd - floor, interval=[float(low), float(high)])
+        a_r, b_r, fake_r = draw(half_a, len(half_a)), draw(half_b, m), draw(fake, m)
+        excesses[r] = _frechet(a_r, fake_r) - _frechet(a_r, b_r)
+    # The standard bootstrap interval (estimate ± z·SE): the replicates' spread is right, but
+    # their centre is not, since rows drawn twice bias a Fréchet distance upwards (the
+    # percentile interval covered 0 for equal distributions in 13 of 40 trials at n < d; this
+    # one in 40 of 40, BENCHMARKS.md "Sample-level metrics").
+    se = float(np.std(excesses, ddof=1))
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    result.update(floor=floor, excess=excess, se=se, interval=[excess - z * se, excess + z * se], m=m)
     return result
