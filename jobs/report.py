@@ -1,8 +1,10 @@
-"""The results report: loss curves, FDD, samples, class balance and downstream utility in one page.
+"""The results report: loss curves, FDD, per-image metrics, the memorization audit, samples,
+class balance and downstream utility in one page.
 
     python jobs/report.py --out DIR [--run RUN_DIR] [--baseline-run RUN_DIR] [--real URI]
-        [--synthetic NAME=URI ...] [--balanced NAME=URI ...] [--fdd DIR] [--utility FILE] [--title T]
-        [--samples-per-class K] [--sample-split SPLIT] [--strict] [--s3-endpoint URL]
+        [--synthetic NAME=URI ...] [--balanced NAME=URI ...] [--fdd DIR] [--utility FILE]
+        [--audit DIR] [--title T] [--samples-per-class K] [--sample-split SPLIT] [--strict]
+        [--s3-endpoint URL]
         [--config FILE] [--set KEY=VALUE ...]
 
 Writes <out>/report.html (self-contained: figures inline, no external resources), <out>/report.md
@@ -13,8 +15,11 @@ that supplies it. --run is the proposed model's training run folder (<storage>/<
 column order (e.g. --synthetic cDCGAN=... --synthetic proposed=...). --balanced NAME=URI names
 the sets made to balance the real training split (jobs/synthesize.py --balance-against) for the
 class-balance section when they differ from the --synthetic ones (default: the --synthetic sets
-that were made with --balance-against). A given input that does not
-exist is reported as missing (with --strict: an error); one of the wrong kind is an error.
+that were made with --balance-against). --fdd's fdd.json also feeds the per-class fidelity,
+diversity and privacy section when jobs/fdd.py measured them (--metrics ... kid prdc
+memorization). --audit DIR is the --out folder of jobs/audit.py (audit.json, closest.png): the
+memorization audit section. A given input that does not exist is reported as missing (with
+--strict: an error); one of the wrong kind is an error.
 Needs no Ray.
 """
 
@@ -52,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; default: the --synthetic sets made with --balance-against)")
     p.add_argument("--fdd", default=None, metavar="DIR", help="jobs/fdd.py output folder (or its fdd.json)")
     p.add_argument("--utility", default=None, metavar="FILE", help="the downstream experiment's utility.json")
+    p.add_argument("--audit", default=None, metavar="DIR",
+                   help="memorization audit folder (jobs/audit.py --out): audit.json, closest.png")
     p.add_argument("--title", default=None, help=f"the report's heading (default {DEFAULT_TITLE!r})")
     p.add_argument("--samples-per-class", type=int, default=None, metavar="K",
                    help=f"Table 2: images per class and source (1..{MAX_PER_CLASS}, default 4)")
@@ -69,7 +76,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.samples_per_class is not None and not 1 <= args.samples_per_class <= MAX_PER_CLASS:
         parser.error(f"--samples-per-class must be 1..{MAX_PER_CLASS}, got {args.samples_per_class}")
     flags = {name: getattr(args, name) for name in (
-        "out", "run", "baseline_run", "real", "fdd", "utility", "title", "samples_per_class",
+        "out", "run", "baseline_run", "real", "fdd", "utility", "audit", "title", "samples_per_class",
         "sample_split", "strict", "s3_endpoint")}
     # A NAME=URI list given on the command line replaces the file's; none given keeps it.
     flags["synthetic"] = named_uris_or_exit(parser, args.synthetic) or None

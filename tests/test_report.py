@@ -23,7 +23,8 @@ from cxrfactory.gan.config import Config
 from cxrfactory.labels import DEFAULT_CLASSES
 from cxrfactory.metrics.fdd import _add_means
 from cxrfactory.metrics.fdd_tables import write_outputs
-from cxrfactory.report.inputs import ReportInputError, first_images, load_shard_set
+from cxrfactory.report.inputs import AuditInfo, ReportInputError, first_images, load_shard_set
+from cxrfactory.report.quality_sections import audit_verdict
 from cxrfactory.gan.plots import sample_grid_png
 from cxrfactory.report.render import Document, Paragraph, Section, Table, render_html
 from cxrfactory.report.report import ReportConfig, summary_lines, write_report
@@ -38,7 +39,8 @@ REAL_TRAIN = {"Cardiomegaly": 6, "Effusion": 3, "Pneumothorax": 2}  # imbalance 
 REAL_TEST = 5
 TARGET = 8  # balancing target: after = 8 per class, imbalance 1.0
 SIDE = 16
-HEADINGS = ("Fig. 2 Loss curves", "Table 1 FDD", "Table 2 Samples", "Class balance", "Downstream utility")
+HEADINGS = ("Fig. 2 Loss curves", "Table 1 FDD", "Fidelity, diversity and privacy per class",
+            "Memorization audit", "Table 2 Samples", "Class balance", "Downstream utility")
 PROPOSED_SHA = "ab" * 32
 
 
@@ -133,8 +135,9 @@ def plan_extra(sha: str) -> dict:
             "balance_against": {"uri": "shards/real", "split": "train"}}
 
 
-def fdd_result() -> dict:
-    """An fdd.json in run_fdd's format (means added by fdd.py's own helper)."""
+def fdd_result(per_image: bool = False) -> dict:
+    """An fdd.json in run_fdd's format (means added by fdd.py's own helper); ``per_image`` adds
+    the sample-level metrics newer files hold (older ones lack them)."""
     def per_class(base: float) -> dict:
         return {c: base + 1.25 * k for k, c in enumerate(CLASSES)}
 
@@ -158,7 +161,73 @@ def fdd_result() -> dict:
         "warnings": ["real (test): 3 class(es) with at most 5 images for 1024 feature dimensions"],
     }
     _add_means(result)
+    if per_image:
+        add_per_image_metrics(result)
     return result
+
+
+def add_per_image_metrics(result: dict) -> None:
+    """KID, PRDC, FDD's excess over the floor and the near-copy rate, as jobs/fdd.py --metrics
+    writes them; cDCGAN's Pneumothorax is undefined throughout (too few rows)."""
+    for k, (name, row) in enumerate(result["synthetic"].items()):
+        undefined = name == "cDCGAN"
+        row["fdd_excess"] = {c: {"fdd": row["fdd"][c], "floor": result["floor"][c],
+                                 "excess": row["fdd"][c] - result["floor"][c],
+                                 "interval": [row["fdd"][c] - result["floor"][c] - 1.625 + 0.5 * k,
+                                              row["fdd"][c] - result["floor"][c] + 2.625], "reps": 50}
+                             for c in CLASSES}
+        row["kid"] = {c: {"kid": 0.0125 + 0.01 * k + 0.001 * i, "kid_std": 0.0005, "subset_size": 5,
+                          "num_subsets": 100} for i, c in enumerate(CLASSES)}
+        row["prdc"] = {c: {"precision": 0.75 - 0.25 * k, "recall": 0.5, "density": 1.25, "coverage": 0.625}
+                       for c in CLASSES}
+        row["memorization"] = {"Cardiomegaly": 0.0, "Effusion": 0.125, "Pneumothorax": None}
+        if undefined:
+            row["fdd_excess"]["Pneumothorax"] = {"fdd": row["fdd"]["Pneumothorax"], "floor": None, "excess": None,
+                                                 "interval": None, "reps": 50}
+            row["kid"]["Pneumothorax"] = row["prdc"]["Pneumothorax"] = None
+    result["metrics"] = {"selected": ["fdd", "class_consistency", "kid", "prdc", "memorization"],
+                         "fdd": {"excess": "FDD minus the floor", "reps": 50}, "class_consistency": {},
+                         "kid": {"kernel": "cubic"}, "prdc": {"k": 5},
+                         "memorization": {"rule": {"percentile": 1.0}, "thresholds": {"feature": 0.1},
+                                          "held_out_flag_rate": 0.025}}
+
+
+def audit_record(synthetic_uri: str) -> dict:
+    """An audit.json in jobs/audit.py's format."""
+    def distances(median_feature: float, median_pixel: float, n: int) -> dict:
+        return {space: {"n": n, "min": 0.0, "p1": 0.0, "p5": 0.0, "p25": median / 2, "median": median,
+                        "mean": median} for space, median in (("feature", median_feature), ("pixel", median_pixel))}
+
+    n, flagged = {"Cardiomegaly": 8, "Effusion": 10, "Pneumothorax": 6}, {"Cardiomegaly": 2, "Effusion": 3,
+                                                                          "Pneumothorax": 0}
+    return {
+        "format": 1, "created": "2020-01-02T00:00:00+00:00",
+        "synthetic": {"uri": synthetic_uri, "manifest_sha256": "e" * 64, "n": n},
+        "real": {"uri": "shards/real", "split": "train", "n": 200, "manifest_sha256": "d" * 64},
+        "held_out": {"uri": "shards/real", "split": "test", "n": 50, "distances": distances(0.0456, 2.25, 50)},
+        "classifier": {"path": "clf", "sha256": "c" * 64},
+        "rule": {"percentile": 1.0, "spaces": ["feature", "pixel"],
+                 "description": "an image is a near-copy when it is closer than the held-out images"},
+        "thresholds": {"feature": 0.0075, "pixel": 1.25},
+        "held_out_flag_rate": 0.02,
+        "flagged": flagged, "flag_rate": {c: flagged[c] / n[c] for c in n},
+        "flagged_total": 5, "flag_rate_total": 5 / 24,
+        "per_class": {c: {"n": n[c], "flagged": flagged[c], "flag_rate": flagged[c] / n[c],
+                          "distances": distances(0.0123 + 0.001 * k, 1.5, n[c])} for k, c in enumerate(n)},
+        "closest": [{"image_id": "syn-7", "label": "Effusion", "nearest_real_id": "00000042_000.png",
+                     "feature_distance": 0.0, "pixel_distance": 0.0, "flagged": True}],
+    }
+
+
+CLOSEST_PNG = encode_png(np.arange(64, dtype=np.uint8).reshape(8, 8))
+
+
+def write_audit(folder: Path, synthetic_uri: str) -> Path:
+    """A jobs/audit.py output folder (flagged.parquet is not read by the report)."""
+    folder.mkdir(parents=True)
+    (folder / "audit.json").write_text(json.dumps(audit_record(synthetic_uri)))
+    (folder / "closest.png").write_bytes(CLOSEST_PNG)
+    return folder
 
 
 def utility_result() -> dict:
@@ -178,16 +247,17 @@ def utility_result() -> dict:
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report_inputs")
     fdd_dir = root / "fdd"
-    write_outputs(fdd_result(), resolve(fdd_dir))
+    write_outputs(fdd_result(per_image=True), resolve(fdd_dir))
     (root / "utility.json").write_text(json.dumps(utility_result()))
+    proposed = write_shards(root / "syn_ms", synthetic_rows(100), source="synthetic", extra=plan_extra(PROPOSED_SHA))
     return {
         "run": write_run(root / "runs", "ms", "stackgan", [8, 16], 4, PROPOSED_SHA),
         "baseline": write_run(root / "runs", "dc", "cdcgan", [16], 3, None),
         "real": write_shards(root / "real", real_rows(), source="phantom"),
         "cdcgan": write_shards(root / "syn_dc", synthetic_rows(500), source="synthetic", extra=plan_extra("ef" * 32)),
-        "proposed": write_shards(root / "syn_ms", synthetic_rows(100), source="synthetic",
-                                 extra=plan_extra(PROPOSED_SHA)),
+        "proposed": proposed,
         "fdd": fdd_dir,
+        "audit": write_audit(root / "audit", resolve(proposed).uri),
         "utility": root / "utility.json",
         "runs": root / "runs",
     }
@@ -197,7 +267,8 @@ def full_config(inputs: dict[str, Path], out: Path) -> ReportConfig:
     return ReportConfig(out=str(out), run=str(inputs["run"]), baseline_run=str(inputs["baseline"]),
                         real=str(inputs["real"]),
                         synthetic=(("cDCGAN", str(inputs["cdcgan"])), ("proposed", str(inputs["proposed"]))),
-                        fdd=str(inputs["fdd"]), utility=str(inputs["utility"]), samples_per_class=3, tile_px=32)
+                        fdd=str(inputs["fdd"]), utility=str(inputs["utility"]), audit=str(inputs["audit"]),
+                        samples_per_class=3, tile_px=32)
 
 
 def text_of(html: str) -> str:
@@ -231,7 +302,7 @@ def test_html_is_self_contained_with_every_figure_inline(full_report):
     assert {f.name for f in figures} == {"fig2a-loss-proposed-model.png", "fig2b-loss-cdcgan-baseline.png",
                                          "training-samples-proposed-model.png",
                                          "training-samples-cdcgan-baseline.png",
-                                         "table2-samples.png", "class-balance.png"}
+                                         "table2-samples.png", "class-balance.png", "audit-closest.png"}
     inline = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
     assert sorted(base64.b64decode(data) for data in inline) == sorted(f.read_bytes() for f in figures)
     for f in figures:
@@ -289,6 +360,81 @@ def test_runs_table_and_provenance(full_report):
     assert f"generator `{PROPOSED_SHA[:12]}` (the proposed model run's)" in md
 
 
+def test_per_image_table_holds_the_numbers_of_fdd_json(full_report):
+    _, _, html, md = full_report
+    section = md.split("## Fidelity, diversity and privacy per class")[1].split("\n## ")[0]
+    assert "| class | FDD | floor | excess over floor [95% interval] | KID ×10³ | precision | recall | density " \
+           "| coverage | near-copies |" in section
+    # proposed, Cardiomegaly: FDD, floor, excess, interval and KID as fdd.json gives them (KID ×10³).
+    assert "| Cardiomegaly | 17.125 | 3.000 | +14.125 [13.000, 16.750] | 22.50 ± 0.50 | 0.500 | 0.500 | 1.250 " \
+           "| 0.625 | 0.0% |" in section
+    # cDCGAN's Pneumothorax: undefined floor, KID and PRDC are dashes; FDD itself is defined.
+    assert "| Pneumothorax | 44.000 | – | – | – | – | – | – | – | – |" in section
+    # The mean row is over the classes with a value.
+    assert "| mean of classes | 42.750 | 3.625 | +38.500 | 13.00 | 0.750 | 0.500 | 1.250 | 0.625 |" in section
+    assert section.count("per-class fidelity, diversity and near-copies**") == 2
+    assert "entirely above 0 means the set is told apart from real images" in section
+    assert "(50 replicates)" in section and "flags 2.5% of held-out real images" in section
+    assert "Not measured" not in section
+    assert "+14.125 [13.000, 16.750]" in text_of(html)
+    # The summary at the top gives each set's class-mean precision and recall.
+    assert "**Per image** (fidelity, diversity; means over classes): cDCGAN precision 0.75, recall 0.50" in md
+
+
+def test_an_fdd_json_without_per_image_metrics_still_renders(tmp_path):
+    write_outputs(fdd_result(), resolve(tmp_path / "fdd"))
+    result = write_report(ReportConfig(out=str(tmp_path / "out"), fdd=str(tmp_path / "fdd")), log=lambda line: None)
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## Fidelity, diversity and privacy per class")[1].split("\n## ")[0]
+    assert "Not measured: this fdd.json holds no per-image metrics" in section
+    assert "`jobs/fdd.py --metrics fdd class_consistency kid prdc`" in section
+    assert "|" not in section  # no table
+    assert f"| proposed | **{fdd_result()['synthetic']['proposed']['fdd']['Cardiomegaly']:.3f}** |" in md  # Table 1
+    assert not any(line.startswith("Per image") for line in result.summary)
+    # Some measured, some not: the table shows those measured, a note names the others.
+    partial = fdd_result()
+    add_per_image_metrics(partial)
+    for row in partial["synthetic"].values():
+        del row["kid"], row["memorization"]
+    write_outputs(partial, resolve(tmp_path / "partial"))
+    write_report(ReportConfig(out=str(tmp_path / "out2"), fdd=str(tmp_path / "partial")), log=lambda line: None)
+    md = (tmp_path / "out2" / "report.md").read_text()
+    assert "Not measured: KID, near-copy rate (add `kid memorization` to `jobs/fdd.py --metrics`)." in md
+    assert "| class | FDD | floor | excess over floor [95% interval] | precision | recall | density | coverage |" in md
+
+
+def test_audit_section_shows_the_rule_rates_and_closest_pairs(full_report, inputs):
+    out, _, html, md = full_report
+    section = md.split("## Memorization audit")[1].split("\n## ")[0]
+    assert "Audited: **proposed** `" in section  # the audited folder is a --synthetic set
+    assert "**Rule**: An image is a near-copy when it is closer than the held-out images." in section
+    assert "Thresholds: feature 0.0075, pixel 1.2500. The same rule flags 2.0% of the held-out" in section
+    assert ("**Verdict**: 5 of 24 images (20.8%) flagged; held-out real images are flagged at 2.0% by the "
+            "same rule: the set holds near-copies") in section
+    assert f"`jobs/synthesize.py --exclude-flagged {inputs['audit']}`" in section
+    assert "| class | images | flagged | flag rate | median feature distance | median pixel distance |" in section
+    assert "| Cardiomegaly | 8 | 2 | 25.0% | 0.0123 | 1.5000 |" in section
+    assert "| Pneumothorax | 6 | 0 | 0.0% | 0.0143 | 1.5000 |" in section
+    assert "| all synthetic | 24 | 5 | 20.8% | – | – |" in section
+    assert "| held-out real (test) | 50 | – | 2.0% | 0.0456 | 2.2500 |" in section
+    assert "| syn-7 | Effusion | 00000042_000.png | 0.0000 | 0.0000 | yes |" in section
+    assert "(figures/audit-closest.png)" in section
+    assert (out / "figures" / "audit-closest.png").read_bytes() == CLOSEST_PNG
+    assert base64.b64encode(CLOSEST_PNG).decode() in html
+    assert "**Memorization audit**: 5 of 24 images (20.8%) flagged" in md.split("## Fig. 2")[0]
+
+
+def test_audit_verdict_compares_with_the_held_out_rate():
+    record = audit_record("synth/x")
+    assert "the set holds near-copies" in audit_verdict(AuditInfo("audits/x", record, None))
+    record |= {"flagged_total": 0, "flag_rate_total": 0.0}
+    clean = audit_verdict(AuditInfo("audits/x", record, None))
+    assert clean == ("0 of 24 images (0.0%) flagged; held-out real images are flagged at 2.0% by the same "
+                     "rule: the set is no closer to the training patients than new patients are.")
+    record |= {"flagged_total": 1, "flag_rate_total": 1 / 24, "held_out_flag_rate": None}
+    assert "could not be measured: the set holds near-copies" in audit_verdict(AuditInfo("a", record, None))
+
+
 def test_sample_table_takes_the_first_ids_of_the_split(inputs):
     real = load_shard_set(resolve(inputs["real"]), "real", synthetic=False, flag="--real")
     chosen = first_images(real, list(CLASSES), "test", 3)
@@ -314,8 +460,11 @@ def test_report_builds_from_a_single_input_and_says_what_is_missing(inputs, tmp_
     assert "No proposed-model run: pass --run RUN_DIR" in md
     assert "No real shards: pass --real URI" in md
     assert "No synthetic sets: pass --synthetic NAME=URI" in md
+    assert "Memorization not audited: pass --audit DIR, the --out folder of jobs/audit.py" in md
+    audit = md.split("## Memorization audit")[1].split("\n## ")[0]
+    assert "pass --audit DIR" in audit and "|" not in audit
     assert "| Pneumothorax † |" in md  # the one input given is shown in full
-    assert len(result.missing) == 5 and result.figures == ()
+    assert len(result.missing) == 6 and result.figures == ()
     assert "data:image/png" not in html
 
 
@@ -390,7 +539,19 @@ def test_summary_lines_show_fdd_consistency_and_utility():
     macro = utility_result()["macro_delta"]
     assert macro == pytest.approx(0.02)
     assert any(f"Δ {macro:+.3f}" in line and "Pneumothorax +0.070" in line for line in lines)
-    assert summary_lines() == ["no FDD or downstream-utility results to summarise"]
+    assert summary_lines() == ["no FDD, downstream-utility or audit results to summarise"]
+
+
+def test_summary_lines_show_per_image_metrics_and_the_audit(inputs):
+    audit = AuditInfo(str(inputs["audit"]), audit_record("synth/x"), None)
+    lines = summary_lines(fdd_result(per_image=True), None, audit)
+    assert ("Per image (means over classes): cDCGAN precision 0.75, recall 0.50, coverage 0.62, KID×10³ 13.00, "
+            "near-copies 6.2%; proposed precision 0.50, recall 0.50, coverage 0.62, KID×10³ 23.50, "
+            "near-copies 6.2%.") in lines
+    assert lines[-1].startswith(f"Memorization audit ({inputs['audit']}): 5 of 24 images (20.8%) flagged; "
+                                "held-out real images are flagged at 2.0%")
+    assert "`" not in lines[-1]
+    assert summary_lines(audit=audit) == [lines[-1]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +615,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     ("real_as_synthetic", "not a synthetic set"),
     ("synthetic_as_real", "is a synthetic set; pass it as --synthetic"),
     ("bad_utility", "delta[Effusion]"),
+    ("not_an_audit", "is not a memorization audit folder: it has no audit.json"),
+    ("fdd_as_audit", "it holds fdd.json, a jobs/fdd.py result: pass it as --fdd"),
+    ("audit_json_of_another_kind", "lacks rule, thresholds"),
 ])
 def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
     out = ["--out", str(tmp_path / "out")]
@@ -462,6 +626,9 @@ def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "generator").mkdir()
     (tmp_path / "generator" / "config.json").write_text(json.dumps({"kind": "generator", "config": {}}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "audit.json").write_text(json.dumps({k: v for k, v in audit_record("x").items()
+                                                               if k not in ("rule", "thresholds")}))
     argv = {
         "not_a_run": ["--run", str(tmp_path / "empty")],
         "storage_instead_of_run": ["--run", str(inputs["runs"])],
@@ -473,6 +640,9 @@ def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
         "real_as_synthetic": ["--synthetic", f"x={inputs['real']}"],
         "synthetic_as_real": ["--real", str(inputs["proposed"])],
         "bad_utility": ["--utility", str(bad_utility)],
+        "not_an_audit": ["--audit", str(tmp_path / "empty")],
+        "fdd_as_audit": ["--audit", str(inputs["fdd"])],
+        "audit_json_of_another_kind": ["--audit", str(tmp_path / "other")],
     }[case]
     code, err = run_cli(out + argv, capsys)
     assert code == 2
@@ -484,10 +654,11 @@ def test_bad_input_is_a_clear_error(case, expected, inputs, tmp_path, capsys):
 def test_cli_end_to_end(inputs, tmp_path):
     """The real command line: exit 0, the summary printed, both files written."""
     cmd = [sys.executable, str(REPO / "jobs" / "report.py"), "--out", str(tmp_path / "r"),
-           "--fdd", str(inputs["fdd"]), "--utility", str(inputs["utility"])]
+           "--fdd", str(inputs["fdd"]), "--utility", str(inputs["utility"]), "--audit", str(inputs["audit"])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "FDD proposed" in done.stdout and "Downstream macro AUROC" in done.stdout
+    assert "Per image (means over classes)" in done.stdout and "Memorization audit (" in done.stdout
     assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "report.md").exists()
 
 

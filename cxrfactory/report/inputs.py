@@ -1,4 +1,4 @@
-"""Reading what the report is made from: training runs, shard sets, FDD and utility results.
+"""Reading what the report is made from: training runs, shard sets, FDD, utility and audit results.
 
 Every reader takes a location (local path or ``s3://``) and either returns what the report needs
 or raises :class:`ReportInputError` saying which flag pointed at what, and what was expected
@@ -28,6 +28,8 @@ from cxrfactory.storage import Location, StorageError
 # not imported, so that reading a report does not import the training stack.
 RUN_ARTIFACT_DIGEST = "generator/sha256"
 FDD_KEYS = ("classes", "classifier", "real", "floor", "floor_mean", "synthetic", "warnings")
+AUDIT_KEYS = ("synthetic", "real", "held_out", "rule", "thresholds", "held_out_flag_rate", "flagged",
+              "flag_rate", "flagged_total", "flag_rate_total", "per_class")
 
 
 class ReportInputError(UserError, ValueError):
@@ -239,6 +241,46 @@ def load_utility(loc: Location, flag: str = "--utility") -> dict[str, Any]:
                                "downstream experiment")
     # Python's json reads the NaN a producer may have written for an undefined AUROC.
     return validate_utility(_json(loc, filenames.UTILITY), source=f"{flag} {loc.uri}")
+
+
+# --------------------------------------------------------------------------------------------
+# Memorization audit
+
+
+@dataclass(frozen=True)
+class AuditInfo:
+    """A memorization audit folder as jobs/audit.py leaves it."""
+
+    uri: str  # the folder (what jobs/synthesize.py --exclude-flagged takes)
+    record: dict[str, Any]  # audit.json: rule, thresholds, flagged per class, closest pairs
+    closest_png: bytes | None  # closest.png (the closest pairs side by side), None when absent
+
+
+def load_audit(loc: Location, flag: str = "--audit") -> AuditInfo:
+    """``audit.json`` (and ``closest.png``) of a jobs/audit.py output folder."""
+    target = loc.join(filenames.AUDIT)
+    if not target.is_file():
+        if loc.is_file():
+            raise ReportInputError(f"{flag} {loc.uri} is a file; pass the folder jobs/audit.py wrote "
+                                   f"(it holds {filenames.AUDIT}, {filenames.FLAGGED} and {filenames.CLOSEST})")
+        audits = _subfolders_with(loc, filenames.AUDIT)
+        hint = (f"; it holds {filenames.FDD_JSON}, a jobs/fdd.py result: pass it as --fdd"
+                if loc.join(filenames.FDD_JSON).is_file()
+                else f"; it holds the audit folder(s) {', '.join(audits[:5])}: pass e.g. "
+                     f"{flag} {loc.join(audits[0]).uri}" if audits else "")
+        raise ReportInputError(f"{flag} {loc.uri} is not a memorization audit folder: it has no "
+                               f"{filenames.AUDIT} (expected the --out folder of jobs/audit.py){hint}")
+    record = _json(target, "the memorization audit jobs/audit.py writes")
+    missing = [k for k in AUDIT_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ReportInputError(f"{flag} {target.uri} lacks {', '.join(missing)}: not a memorization audit "
+                               "(jobs/audit.py writes audit.json)")
+    closest = loc.join(filenames.CLOSEST)
+    return AuditInfo(loc.uri, record, closest.read_bytes() if closest.is_file() else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
 
 
 def exists(loc: Location, flag: str) -> bool:

@@ -1,15 +1,18 @@
-"""The results report: a training run, synthetic sets and an FDD result -> report.html + report.md.
+"""The results report: a training run, synthetic sets, FDD and audit results -> report.html + report.md.
 
     result = write_report(ReportConfig(out="demo_output/report", run="runs/demo",
                                        baseline_run="runs/demo-cdcgan", real="shards/real",
                                        synthetic=(("cDCGAN", "synth/cdcgan"), ("proposed", "synth/ms")),
-                                       fdd="demo_output/fdd", utility="demo_output/utility.json"))
+                                       fdd="demo_output/fdd", utility="demo_output/utility.json",
+                                       audit="demo_output/audit"))
     print("\\n".join(result.summary))
 
 The report follows the paper's results: Fig. 2 (loss curves), Table 1 (FDD per class with a
-real-vs-real floor and class-consistency), Table 2 (per class, real images next to each
-synthetic set's), the class counts before and after balancing, and the downstream-utility
-table (:mod:`cxrfactory.classifier.utility_schema` documents ``utility.json``).
+real-vs-real floor and class-consistency), then per class the sample-level metrics of fdd.json
+(excess over the floor, KID, precision/recall/density/coverage) and the memorization audit
+(jobs/audit.py), Table 2 (per class, real images next to each synthetic set's), the class counts
+before and after balancing, and the downstream-utility table
+(:mod:`cxrfactory.classifier.utility_schema` documents ``utility.json``).
 
 Every input is optional (at least one is needed): a section whose input is absent says so and
 names the flag that supplies it, so the report of a half-run pipeline is still useful. A given
@@ -28,14 +31,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cxrfactory.named_sets import check_named_uris
+from cxrfactory.report import quality_sections as Q
 from cxrfactory.report import sections as S
 from cxrfactory.report.inputs import (
+    AuditInfo,
     ReportInputError,
     RunInfo,
     SampleImages,
     ShardSet,
     exists,
     first_images,
+    load_audit,
     load_fdd,
     load_run,
     load_shard_set,
@@ -67,6 +73,7 @@ class ReportConfig:
     balanced: tuple[tuple[str, str], ...] = ()  # sets made to balance the real data (class balance); default: the balanced --synthetic sets
     fdd: str | None = None  # jobs/fdd.py output folder (or its fdd.json)
     utility: str | None = None  # the downstream experiment's utility.json
+    audit: str | None = None  # jobs/audit.py output folder (audit.json, closest.png) of one synthetic set
     title: str = DEFAULT_TITLE  # the report's heading
     samples_per_class: int = 4  # Table 2: images per class and source
     sample_split: str = "test"  # Table 2: the real split shown (another one if it is absent)
@@ -80,8 +87,10 @@ class ReportConfig:
         object.__setattr__(self, "balanced", check_named_uris(
             self.balanced, flag="--balanced", error=ReportInputError))
         problems = [
-            (not any([self.run, self.baseline_run, self.real, self.synthetic, self.balanced, self.fdd, self.utility]),
-             "give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, --fdd or --utility"),
+            (not any([self.run, self.baseline_run, self.real, self.synthetic, self.balanced, self.fdd,
+                      self.utility, self.audit]),
+             "give at least one input: --run, --baseline-run, --real, --synthetic, --balanced, --fdd, "
+             "--utility or --audit"),
             (not 1 <= self.samples_per_class <= MAX_PER_CLASS,
              f"samples per class must be 1..{MAX_PER_CLASS}, got {self.samples_per_class}"),
             (not MIN_TILE <= self.tile_px <= MAX_TILE,
@@ -103,6 +112,7 @@ class ReportInputs:
     balanced: list[ShardSet] = field(default_factory=list)  # --balanced sets as given
     fdd: dict[str, Any] | None = None
     utility: dict[str, Any] | None = None
+    audit: AuditInfo | None = None
     status: list[tuple[str, str, str, str]] = field(default_factory=list)  # input, flag, location, status
     absent: dict[str, list[str]] = field(default_factory=dict)  # section title -> notes
 
@@ -118,7 +128,7 @@ class ReportResult:
     markdown: str  # URI of report.md
     figures: tuple[str, ...]  # URIs of figures/*.png
     missing: tuple[str, ...]  # one line per absent input
-    summary: tuple[str, ...]  # summary_lines() of the FDD and utility results
+    summary: tuple[str, ...]  # summary_lines() of the FDD, utility and audit results
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,10 +144,12 @@ HINTS = {
     "--balanced": (S.BALANCE, "pass --balanced NAME=URI, a set made with jobs/synthesize.py --balance-against"),
     "--fdd": (S.FDD, "pass --fdd DIR, the --out folder of jobs/fdd.py"),
     "--utility": (S.UTILITY, "pass --utility FILE, the utility.json of the downstream experiment"),
+    "--audit": (Q.AUDIT, "pass --audit DIR, the --out folder of jobs/audit.py on a synthetic set"),
 }
 NOT_GIVEN = {"--run": "No proposed-model run", "--baseline-run": "No cDCGAN baseline run",
              "--real": "No real shards", "--synthetic": "No synthetic sets", "--balanced": "No balanced set",
-             "--fdd": "FDD not run", "--utility": "Downstream utility not run"}
+             "--fdd": "FDD not run", "--utility": "Downstream utility not run",
+             "--audit": "Memorization not audited"}
 
 
 def _absent(inputs: ReportInputs, flag: str, uri: str | None, what: str) -> None:
@@ -151,6 +163,8 @@ def _absent(inputs: ReportInputs, flag: str, uri: str | None, what: str) -> None
     inputs.note(section, text)
     if flag in ("--real", "--synthetic"):
         inputs.note(S.BALANCE, text)
+    if flag == "--fdd":  # the per-image metrics come in the same fdd.json
+        inputs.note(Q.QUALITY, text)
 
 
 def _locate(config: ReportConfig, inputs: ReportInputs, flag: str, uri: str | None,
@@ -214,6 +228,13 @@ def collect_inputs(config: ReportConfig) -> ReportInputs:
         inputs.utility = load_utility(loc)
         inputs.status.append(("downstream utility", "--utility", loc.uri,
                               f"{len(inputs.utility['classes'])} classes"))
+    loc = _locate(config, inputs, "--audit", config.audit, "memorization audit")
+    if loc is not None:
+        inputs.audit = load_audit(loc)
+        record = inputs.audit.record
+        inputs.status.append(("memorization audit", "--audit", loc.uri,
+                              f"{record['flagged_total']} of {sum(record['synthetic'].get('n', {}).values()):,} "
+                              f"images flagged, set `{record['synthetic'].get('uri')}`"))
     return inputs
 
 
@@ -254,12 +275,16 @@ def build_document(config: ReportConfig, inputs: ReportInputs) -> Document:
     body = (
         S.loss_section(inputs.runs, absent.get(S.LOSSES, [])),
         S.fdd_section(inputs.fdd, absent.get(S.FDD, [])),
+        Q.quality_section(inputs.fdd, absent.get(Q.QUALITY, [])),
+        Q.audit_section(inputs.audit, absent.get(Q.AUDIT, []),
+                        {s.root.uri: s.name for s in (*inputs.synthetic, *inputs.balanced)}),
         S.samples_section(sources, classes, config.samples_per_class, config.tile_px,
                           absent.get(S.SAMPLES, [])),
         S.balance_section(inputs.real, balancing_sets(inputs), absent.get(S.BALANCE, [])),
         S.utility_section(inputs.utility, absent.get(S.UTILITY, [])),
     )
-    front = S.inputs_section(inputs.status, S.headline(inputs.fdd, inputs.utility))
+    front = S.inputs_section(inputs.status, S.headline(inputs.fdd, inputs.utility)
+                             + Q.headline(inputs.fdd, inputs.audit))
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     missing = tuple(dict.fromkeys(t for notes in absent.values() for t in notes))
     return Document(config.title, f"Results in the layout of {PAPER}. Made {made}.",
@@ -284,7 +309,7 @@ def write_report(config: ReportConfig, log: Callable[[str], None] = print) -> Re
         log(f"[report] missing: {line.replace('`', '')}")
     log(f"[report] wrote {html.uri} and {markdown.uri} (+ {len(figures)} figures)")
     return ReportResult(html.uri, markdown.uri, tuple(figures), doc.missing,
-                        tuple(summary_lines(inputs.fdd, inputs.utility)))
+                        tuple(summary_lines(inputs.fdd, inputs.utility, inputs.audit)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,15 +339,40 @@ class _Column:
 
 
 def summary_lines(fdd: Mapping[str, Any] | None = None,
-                  utility: Mapping[str, Any] | None = None) -> list[str]:
+                  utility: Mapping[str, Any] | None = None,
+                  audit: AuditInfo | None = None) -> list[str]:
     """A few terminal lines: FDD per class (with the floor), class-consistency, utility deltas.
 
     A row per class (FDD and utility classes together), columns: the floor, each synthetic
     set's FDD, each set's class-consistency, the AUROC delta; then the means and one line each
-    on class-consistency and the downstream macro AUROC.
+    on class-consistency, the per-image metrics (when fdd.json has them), the downstream macro
+    AUROC and the memorization audit.
     """
-    if fdd is None and utility is None:
-        return ["no FDD or downstream-utility results to summarise"]
+    if fdd is None and utility is None and audit is None:
+        return ["no FDD, downstream-utility or audit results to summarise"]
+    lines = _class_lines(fdd, utility) if fdd or utility else []
+    if audit is not None:
+        lines.append(f"Memorization audit ({audit.uri}): {Q.audit_verdict(audit).replace('`', '')}")
+    return lines
+
+
+def _sample_line(fdd: Mapping[str, Any]) -> str | None:
+    """Precision/recall/coverage and KID per set, class means; None for an fdd.json without them."""
+    parts = []
+    for name, row in fdd["synthetic"].items():
+        means = Q.sample_means(row)
+        shown = [f"{key} {S.fmt(means[key], 2)}" for key in ("precision", "recall", "coverage") if key in means]
+        if "kid" in means:
+            shown.append("KID×10³ " + (S.DASH if means["kid"] is None else f"{1e3 * means['kid']:.2f}"))
+        if "memorization" in means:
+            shown.append(f"near-copies {Q.percent(means['memorization'])}")
+        if shown:
+            parts.append(f"{name} {', '.join(shown)}")
+    return f"Per image (means over classes): {'; '.join(parts)}." if parts else None
+
+
+def _class_lines(fdd: Mapping[str, Any] | None, utility: Mapping[str, Any] | None) -> list[str]:
+    """The per-class table of summary_lines() and the lines under it."""
     columns: list[_Column] = []
     if fdd:
         sets = fdd["synthetic"]
@@ -342,6 +392,9 @@ def summary_lines(fdd: Mapping[str, Any] | None = None,
         n = len(fdd["classifier"].get("classes", fdd["classes"]))
         lines.append(f"FDD: lower is better; floor = real vs real. Class-consistency (cons.): real "
                      f"{S.fmt(fdd['real'].get('class_consistency_mean'), 2)}, chance {1 / n:.2f}.")
+        sample = _sample_line(fdd)
+        if sample:
+            lines.append(sample)
     if utility:
         real, mixed = utility["arms"]["real"], utility["arms"]["real+synthetic"]
         rare = S.rare_deltas(utility)
