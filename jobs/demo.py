@@ -4,10 +4,10 @@
         [--set field=value ...]
 
 phantoms -> ingest -> GAN training (the proposed model and the cDCGAN baseline) -> synthesis
-(an evaluation set per model, a class-balanced set) -> DenseNet classifier -> FDD ->
-downstream utility -> report. Each stage is one of
-the project's jobs, run with the arguments printed before it, so every step can be rerun by
-hand. Rerunning the demo resumes: finished stages find their outputs complete and skip ahead.
+(an evaluation set per model, a class-balanced set) -> DenseNet classifier -> FDD, KID,
+precision/recall/density/coverage -> memorization audit -> downstream utility -> report. Each
+stage is one of the project's jobs, run with the arguments printed before it, so every step can
+be rerun by hand. Rerunning the demo resumes: finished stages find their outputs complete and skip ahead.
 `--quick` shrinks every stage (the smoke variant the test suite runs, about two minutes). The
 sizes are a DemoSize, from cxrfactory/configs/demo/ (full, quick) or --config FILE, then --set
 (e.g. --set gan_steps=300).
@@ -104,7 +104,11 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
          ["--real", str(real), "--synthetic", f"proposed={syn / 'proposed'}",
           "--synthetic", f"cdcgan={syn / 'cdcgan'}", "--classifier",
           str(out / "classifier" / "classifier"), "--out", str(out / "fdd"),
-          "--max-per-class", str(size.eval_per_class)]),
+          "--max-per-class", str(size.eval_per_class),
+          "--metrics", "fdd", "class_consistency", "kid", "prdc", "memorization"]),
+        Stage("audit", "Memorization audit: near-copies of training patients (proposed)", "audit",
+         ["--real", str(real), "--synthetic", str(syn / "proposed"), "--classifier",
+          str(out / "classifier" / "classifier"), "--out", str(out / "audit")]),
         Stage("utility", "Downstream utility: real only vs real + synthetic", "evaluate_utility",
          ["--real", str(real), "--synthetic", str(syn / "proposed-balanced"), "--out", str(out / "utility"),
           "--target-per-class", str(size.target_per_class), *size.classifier]),
@@ -113,7 +117,8 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
           "--baseline-run", str(runs / "cdcgan"), "--real", str(real),
           "--synthetic", f"proposed={syn / 'proposed'}", "--synthetic", f"cdcgan={syn / 'cdcgan'}",
           "--balanced", f"proposed={syn / 'proposed-balanced'}",
-          "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / filenames.UTILITY)]),
+          "--fdd", str(out / "fdd"), "--utility", str(out / "utility" / filenames.UTILITY),
+          "--audit", str(out / "audit")]),
     ]
 
 

@@ -17,10 +17,19 @@ def test_quick_demo_runs_the_whole_chain(ray_session, tmp_path, capsys):
     assert len(fdd["classes"]) == 9 and "Normal" in fdd["classes"]
     for row in fdd["synthetic"].values():
         assert set(row["n"].values()) == {demo.QUICK.eval_per_class}
+    # The sample-level metrics and the near-copy rate sit beside FDD, from the same banks the
+    # audit reused: one bank per set and split, none built twice.
+    for row in fdd["synthetic"].values():
+        assert set(row["kid"]) == set(row["prdc"]) == set(row["memorization"]) == set(fdd["classes"])
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert sum(audit["synthetic"]["n"].values()) == 9 * demo.QUICK.eval_per_class
+    banks = list((tmp_path / "synthetic" / "proposed" / "_features").rglob("bank.json"))
+    assert len(banks) == 1
     utility = json.loads((tmp_path / "utility" / "utility.json").read_text())
     assert set(utility["arms"]) == {"real", "real+synthetic"}
     html = (tmp_path / "report" / "report.html").read_text()
-    for heading in ("Loss curves", "Table 1", "Table 2", "Class balance", "Downstream utility"):
+    for heading in ("Loss curves", "Table 1", "Table 2", "Class balance", "Downstream utility",
+                    "Fidelity, diversity and privacy", "Memorization audit"):
         assert heading in html
     assert "data:image/png;base64," in html
     # Balancing made every class reach the target: real train + synthetic = target per class.
