@@ -100,7 +100,7 @@ def stages(out: Path, size: DemoSize) -> list[Stage]:
           "--target-per-class", str(size.target_per_class), "--balance-against", str(real)]),
         Stage("classifier", "Train the DenseNet classifier on real X-rays (FDD's features)", "train_classifier",
          ["--real", str(real), "--out", str(out / "classifier"), *size.classifier]),
-        Stage("fdd", "FDD and class-consistency per class (Table 1)", "fdd",
+        Stage("fdd", "FDD, class-consistency, KID, precision/recall, near-copies per class (Table 1)", "fdd",
          ["--real", str(real), "--synthetic", f"proposed={syn / 'proposed'}",
           "--synthetic", f"cdcgan={syn / 'cdcgan'}", "--classifier",
           str(out / "classifier" / "classifier"), "--out", str(out / "fdd"),

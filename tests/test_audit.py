@@ -186,6 +186,14 @@ def test_audit_rejects_bad_input(planted, tmp_path) -> None:
         job.main([*base, "--held-out", "nosuchsplit"])
     with pytest.raises(UserError):
         job.main([*base[:2], "--synthetic", str(tmp_path / "missing"), *base[4:]])
+    # A set of another vocabulary (here: a class the real set does not hold) is refused.
+    foreign = tmp_path / "foreign"
+    shutil.copytree(planted["synthetic"], foreign, ignore=shutil.ignore_patterns("_features"))
+    manifest = json.loads((foreign / filenames.MANIFEST).read_text())
+    manifest["classes"] = [*manifest["classes"], "Hernia"]
+    (foreign / filenames.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="Hernia"):
+        job.main([*base[:2], "--synthetic", str(foreign), *base[4:]])
     with pytest.raises(UserError, match="percentile"):
         job.main([*base, "--percentile", "60"])
     assert not (tmp_path / "o" / filenames.AUDIT).exists()

@@ -363,15 +363,15 @@ def test_runs_table_and_provenance(full_report):
 def test_per_image_table_holds_the_numbers_of_fdd_json(full_report):
     _, _, html, md = full_report
     section = md.split("## Fidelity, diversity and privacy per class")[1].split("\n## ")[0]
-    assert "| class | FDD | floor | excess over floor [95% interval] | KID ×10³ | precision | recall | density " \
+    assert "| class | FDD | floor | excess over floor [95% interval] | KID | precision | recall | density " \
            "| coverage | near-copies |" in section
-    # proposed, Cardiomegaly: FDD, floor, excess, interval and KID as fdd.json gives them (KID ×10³).
-    assert "| Cardiomegaly | 17.125 | 3.000 | +14.125 [13.000, 16.750] | 22.50 ± 0.50 | 0.500 | 0.500 | 1.250 " \
+    # proposed, Cardiomegaly: FDD, floor, excess, interval and KID as fdd.json gives them 
+    assert "| Cardiomegaly | 17.125 | 3.000 | +14.125 [13.000, 16.750] | 0.0225 ± 0.0005 | 0.500 | 0.500 | 1.250 " \
            "| 0.625 | 0.0% |" in section
     # cDCGAN's Pneumothorax: undefined floor, KID and PRDC are dashes; FDD itself is defined.
     assert "| Pneumothorax | 44.000 | – | – | – | – | – | – | – | – |" in section
     # The mean row is over the classes with a value.
-    assert "| mean of classes | 42.750 | 3.625 | +38.500 | 13.00 | 0.750 | 0.500 | 1.250 | 0.625 |" in section
+    assert "| mean of classes | 42.750 | 3.625 | +38.500 | 0.013 | 0.750 | 0.500 | 1.250 | 0.625 |" in section
     assert section.count("per-class fidelity, diversity and near-copies**") == 2
     assert "entirely above 0 means the set is told apart from real images" in section
     assert "(50 replicates)" in section and "flags 2.5% of held-out real images" in section
@@ -545,8 +545,8 @@ def test_summary_lines_show_fdd_consistency_and_utility():
 def test_summary_lines_show_per_image_metrics_and_the_audit(inputs):
     audit = AuditInfo(str(inputs["audit"]), audit_record("synth/x"), None)
     lines = summary_lines(fdd_result(per_image=True), None, audit)
-    assert ("Per image (means over classes): cDCGAN precision 0.75, recall 0.50, coverage 0.62, KID×10³ 13.00, "
-            "near-copies 6.2%; proposed precision 0.50, recall 0.50, coverage 0.62, KID×10³ 23.50, "
+    assert ("Per image (means over classes): cDCGAN precision 0.75, recall 0.50, coverage 0.62, KID 0.013, "
+            "near-copies 6.2%; proposed precision 0.50, recall 0.50, coverage 0.62, KID 0.0235, "
             "near-copies 6.2%.") in lines
     assert lines[-1].startswith(f"Memorization audit ({inputs['audit']}): 5 of 24 images (20.8%) flagged; "
                                 "held-out real images are flagged at 2.0%")

@@ -95,13 +95,14 @@ class AuditResult:
                 "description": (
                     f"an image is a near-copy when, in feature space (unit-length classifier "
                     f"features) or pixel space (32x32 thumbnails), its distance to the nearest "
-                    f"training image is below the {self.rule.percentile:g}th percentile of the "
+                    f"training image is below percentile {self.rule.percentile:g} of the "
                     "held-out real images' nearest-training distances in that space")}
 
 
 def audit(train: BankArrays, held_out: BankArrays, audited: Iterable[BankArrays],
-          rule: AuditRule) -> AuditResult:
-    """Nearest training image of every held-out and audited row; the rule's flags."""
+          rule: AuditRule, classes: Sequence[str] = ()) -> AuditResult:
+    """Nearest training image of every held-out and audited row; the rule's flags. Per-class
+    results follow ``classes`` (a vocabulary's order), then any other class alphabetically."""
     if len(train) == 0 or len(held_out) == 0:
         raise AuditError("the audit needs rows in both the training and the held-out split")
     if train.thumb is None or held_out.thumb is None:
@@ -131,7 +132,8 @@ def audit(train: BankArrays, held_out: BankArrays, audited: Iterable[BankArrays]
         rule, limits, held, false_flag_rate(rule, held, fold),
         join(ids, str), join(labels, str), distance, {s: join(near[s], str) for s in rule.spaces},
         flag(rule, limits, distance) if ids else np.zeros(0, dtype=bool))
-    for c in sorted(set(result.label.tolist())):
+    present = set(result.label.tolist())
+    for c in [c for c in classes if c in present] + sorted(present - set(classes)):
         mine = result.label == c
         result.per_class[c] = {
             "n": int(mine.sum()), "flagged": int(result.flagged[mine].sum()),
@@ -176,6 +178,13 @@ def run_audit(config: AuditConfig, log: Callable[[str], None] = print) -> dict[s
         if not real.counts.get(split):
             raise AuditError(f"{config.real} has no rows in split {split!r} (it holds "
                              f"{', '.join(s for s, c in real.counts.items() if sum(c.values()))})")
+    foreign = [c for c in audited.classes if c not in real.classes]
+    if foreign:
+        raise AuditError(f"{config.synthetic} holds classes {', '.join(foreign)} that {config.real} does "
+                         f"not ({', '.join(real.classes)}): audit a set against the real data its "
+                         "generator was trained on")
+    if not audited.total():
+        raise AuditError(f"{config.synthetic} holds no rows to audit")
     out = resolve(config.out, config.s3_endpoint)
     check_writable(out)
 
@@ -192,7 +201,7 @@ def run_audit(config: AuditConfig, log: Callable[[str], None] = print) -> dict[s
                          bank_dir=config.bank_dir, log=log)
     train, held_out = (b.load(thumbs=True) for b in banks[:2])
     blocks = (block for bank in banks[2:] for block in bank.iter_blocks(thumbs=True))
-    result = audit(train, held_out, blocks, AuditRule(percentile=config.percentile))
+    result = audit(train, held_out, blocks, AuditRule(percentile=config.percentile), audited.classes)
     record = _record(config, result, artifact.sha256, len(train), len(held_out))
     buffer = io.BytesIO()
     pq.write_table(flagged_table(result), buffer)
@@ -248,7 +257,7 @@ def format_summary(record: Mapping[str, Any]) -> str:
     """The terminal summary: per-class flag rates and the rule's implied false-flag rate."""
     lines = [f"[audit] {record['flagged_total']} of {sum(record['synthetic']['n'].values())} images "
              f"flagged as near-copies of {record['real']['uri']} (split {record['real']['split']}); "
-             f"rule: below the {record['rule']['percentile']:g}th percentile of held-out distances "
+             f"rule: below percentile {record['rule']['percentile']:g} of the held-out distances "
              f"({', '.join(f'{s} {t:.4g}' for s, t in record['thresholds'].items())})"]
     ffr = record["held_out_flag_rate"]
     lines.append("[audit] held-out real images flagged by the same rule (cross-fitted): "

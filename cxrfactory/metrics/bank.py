@@ -87,7 +87,7 @@ def identity(request: BankRequest, *, manifest_sha256: str, classifier_sha256: s
              preprocessing: Mapping[str, Any], feature_dim: int) -> dict[str, Any]:
     """What a bank's rows depend on; its fingerprint names the folder."""
     return {"format": FORMAT, "set_manifest_sha256": manifest_sha256, "split": request.split,
-            "classes": list(request.classes),
+            "classes": sorted(request.classes),  # a set: the order a caller lists them in does not matter
             "sampling": {"salt": SAMPLE_SALT, "thresholds": dict(sorted(request.thresholds.items()))},
             "classifier_sha256": classifier_sha256, "preprocessing": dict(preprocessing),
             "feature_dim": int(feature_dim), "thumbnail": THUMB}

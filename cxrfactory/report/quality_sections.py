@@ -81,11 +81,12 @@ def excess_cell(entry: Any) -> str:
 
 
 def kid_cell(entry: Any) -> str:
-    """KID ×10³ ± its spread over subsets, e.g. ``12.34 ± 0.56``."""
+    """KID ± its spread over subsets, three significant digits (its scale follows the
+    classifier's features, so no fixed multiplier reads well), e.g. ``0.0123 ± 0.000561``."""
     kid, std = finite(_field(entry, "kid")), finite(_field(entry, "kid_std"))
     if kid is None:
         return DASH
-    return f"{1e3 * kid:.2f}" + ("" if std is None else f" ± {1e3 * std:.2f}")
+    return f"{kid:.3g}" + ("" if std is None else f" ± {std:.3g}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _set_table(name: str, row: Mapping[str, Any], classes: Sequence[str], keys: 
     if "fdd_excess" in keys:
         header += ["floor", "excess over floor [95% interval]"]
     if "kid" in keys:
-        header.append("KID ×10³")
+        header.append("KID")
     if "prdc" in keys:
         header += list(PRDC)
     if "memorization" in keys:
@@ -131,7 +132,7 @@ def _set_table(name: str, row: Mapping[str, Any], classes: Sequence[str], keys: 
     if "fdd_excess" in keys:
         cells += [fmt(mean["floor"]), fmt(mean["excess"], signed=True)]
     if "kid" in keys:
-        cells.append(DASH if mean["kid"] is None else f"{1e3 * mean['kid']:.2f}")
+        cells.append(DASH if mean["kid"] is None else f"{mean['kid']:.3g}")
     if "prdc" in keys:
         cells += [fmt(mean[k]) for k in PRDC]
     if "memorization" in keys:

@@ -363,7 +363,7 @@ def _sample_line(fdd: Mapping[str, Any]) -> str | None:
         means = Q.sample_means(row)
         shown = [f"{key} {S.fmt(means[key], 2)}" for key in ("precision", "recall", "coverage") if key in means]
         if "kid" in means:
-            shown.append("KID×10³ " + (S.DASH if means["kid"] is None else f"{1e3 * means['kid']:.2f}"))
+            shown.append("KID " + (S.DASH if means["kid"] is None else f"{means['kid']:.3g}"))
         if "memorization" in means:
             shown.append(f"near-copies {Q.percent(means['memorization'])}")
         if shown:
