@@ -197,3 +197,36 @@ def test_audit_rejects_bad_input(planted, tmp_path) -> None:
     with pytest.raises(UserError, match="percentile"):
         job.main([*base, "--percentile", "60"])
     assert not (tmp_path / "o" / filenames.AUDIT).exists()
+
+
+def test_a_bank_whose_parts_disagree_with_its_record_is_refused(planted) -> None:
+    audit(planted, "counted")
+    (marker,) = (planted["synthetic"] / filenames.FEATURES).rglob(filenames.BANK)
+    meta = json.loads(marker.read_text())
+    saved = marker.read_text()
+    meta["counts"]["Effusion"] += 1  # a part lost or another run's rows: the counts disagree
+    marker.write_text(json.dumps(meta))
+    import jobs.audit as job
+
+    with pytest.raises(BankError, match="holds .* rows, its bank.json counts"):
+        job.main(["--real", str(planted["real"]), "--synthetic", str(planted["synthetic"]),
+                  "--classifier", str(planted["clf"]), "--out", str(planted["base"] / "miscounted")])
+    marker.write_text(saved)
+
+
+def test_banks_of_a_set_that_cannot_be_written_go_to_the_fallback(monkeypatch, tmp_path) -> None:
+    from cxrfactory.metrics import bank
+    from cxrfactory.storage import StorageError
+
+    read_only, fallback = resolve(str(tmp_path / "set")), resolve(str(tmp_path / "out" / "banks"))
+
+    def probe(location):
+        if location.path.startswith(read_only.path):
+            raise StorageError(f"permission denied: {location.uri}")
+
+    monkeypatch.setattr(bank, "check_writable", probe)
+    said = []
+    assert bank._writable([read_only, fallback], "s3://bucket/set", said.append) == fallback
+    assert "cannot be written" in said[0] and fallback.uri in said[0]
+    with pytest.raises(BankError, match="--bank-dir"):
+        bank._writable([read_only], "s3://bucket/set", said.append)

@@ -303,7 +303,7 @@ def test_feature_embedder_matches_direct_features(fdd_inputs) -> None:
     from cxrfactory.metrics.bank import THUMB
 
     rows = read_split(fdd_inputs["real"], "test").head(12)
-    table = pa.Table.from_pandas(rows[["image", "label", "image_id", "patient_id"]], preserve_index=False)
+    table = pa.Table.from_pandas(rows[["image", "label", "image_id", "split", "patient_id"]], preserve_index=False)
     table = table.append_column("bank", pa.array(np.zeros(len(rows), np.int32)))
     embedder = FeatureEmbedder(read_classifier_files(fdd_inputs["classifier"]), inference_batch=5, threads=1)
     out = embedder(table)

@@ -176,7 +176,7 @@ def add_per_image_metrics(result: dict) -> None:
                                  "interval": [row["fdd"][c] - result["floor"][c] - 1.625 + 0.5 * k,
                                               row["fdd"][c] - result["floor"][c] + 2.625], "reps": 50}
                              for c in CLASSES}
-        row["kid"] = {c: {"kid": 0.0125 + 0.01 * k + 0.001 * i, "kid_std": 0.0005, "subset_size": 5,
+        row["kid"] = {c: {"kid": 0.0125 + 0.01 * k + 0.001 * i, "kid_std": 0.0, "kid_se": 0.0005, "subset_size": 5,
                           "num_subsets": 100} for i, c in enumerate(CLASSES)}
         row["prdc"] = {c: {"precision": 0.75 - 0.25 * k, "recall": 0.5, "density": 1.25, "coverage": 0.625}
                        for c in CLASSES}
@@ -410,7 +410,8 @@ def test_audit_section_shows_the_rule_rates_and_closest_pairs(full_report, input
     assert "**Rule**: An image is a near-copy when it is closer than the held-out images." in section
     assert "Thresholds: feature 0.0075, pixel 1.2500. The same rule flags 2.0% of the held-out" in section
     assert ("**Verdict**: 5 of 24 images (20.8%) flagged; held-out real images are flagged at 2.0% by the "
-            "same rule: the set holds near-copies") in section
+            "same rule: more than chance allows (one-sided binomial test, p < 0.05), so the set holds "
+            "near-copies") in section
     assert f"`jobs/synthesize.py --exclude-flagged {inputs['audit']}`" in section
     assert "| class | images | flagged | flag rate | median feature distance | median pixel distance |" in section
     assert "| Cardiomegaly | 8 | 2 | 25.0% | 0.0123 | 1.5000 |" in section
@@ -431,6 +432,10 @@ def test_audit_verdict_compares_with_the_held_out_rate():
     clean = audit_verdict(AuditInfo("audits/x", record, None))
     assert clean == ("0 of 24 images (0.0%) flagged; held-out real images are flagged at 2.0% by the same "
                      "rule: the set is no closer to the training patients than new patients are.")
+    # One flag in 24 at a held-out rate of 2.0% is what chance gives: no accusation of copying.
+    record |= {"flagged_total": 1, "flag_rate_total": 1 / 24}
+    chance = audit_verdict(AuditInfo("audits/x", record, None))
+    assert "within what new patients get by chance" in chance and "holds near-copies" not in chance
     record |= {"flagged_total": 1, "flag_rate_total": 1 / 24, "held_out_flag_rate": None}
     assert "could not be measured: the set holds near-copies" in audit_verdict(AuditInfo("a", record, None))
 

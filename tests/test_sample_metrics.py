@@ -234,3 +234,28 @@ def test_misuse_is_a_user_error(call) -> None:
     with pytest.raises(SampleMetricError) as caught:
         call()
     assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+
+
+def test_kid_jackknife_se_matches_brute_force_and_the_spread_of_repeated_draws() -> None:
+    from cxrfactory.metrics.kid import jackknife_se
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(9, 4)), rng.normal(size=(7, 4)) + 0.2
+    # brute force: recompute the estimate with each row left out
+    without_x = [mmd2_unbiased(np.delete(x, i, 0), y) for i in range(len(x))]
+    without_y = [mmd2_unbiased(x, np.delete(y, j, 0)) for j in range(len(y))]
+    var = (8 / 9 * np.sum((np.array(without_x) - np.mean(without_x)) ** 2)
+           + 6 / 7 * np.sum((np.array(without_y) - np.mean(without_y)) ** 2))
+    assert jackknife_se(x, y) == pytest.approx(np.sqrt(var), rel=1e-9)
+    # It estimates the spread of the estimate over fresh draws of the same sizes ...
+    draws, ses = [], []
+    for seed in range(60):
+        r = np.random.default_rng(1000 + seed)
+        a, b = r.normal(size=(60, 8)), r.normal(size=(60, 8)) + 0.3
+        draws.append(mmd2_unbiased(a, b))
+        ses.append(jackknife_se(a, b))
+    assert 0.7 < np.mean(ses) / np.std(draws) < 1.4
+    # ... and, unlike the subset spread, does not vanish when the subsets are the whole sets.
+    got = kid(x[:7], y, subset_size=1000)  # equal sizes: every subset is the whole set
+    assert got["kid_std"] < 1e-12 < got["kid_se"]
+    assert jackknife_se(x[:2], y) is None

@@ -60,7 +60,7 @@ class AuditConfig:
     split: str = "train"  # the real split a copy would come from
     held_out: str = "test"  # the real split of new patients: the reference distances
     percentile: float = 1.0  # the threshold: this percentile of the held-out distances
-    bank_dir: str | None = None  # where feature banks go when a set's folder is read-only
+    bank_dir: str | None = None  # where feature banks go; None: next to each set, or <out>/banks where a set cannot be written
     batch_rows: int = 512
     inference_batch: int = 64
     workers: int | None = None
@@ -143,12 +143,13 @@ def audit(train: BankArrays, held_out: BankArrays, audited: Iterable[BankArrays]
 
 
 def flagged_table(result: AuditResult) -> pa.Table:
-    """``flagged.parquet``: one row per flagged image, its nearest training image in feature
-    space (the pixel-space neighbour too, where it differs) and both distances."""
+    """``flagged.parquet``: one row per flagged image, its nearest training image in the space
+    where it is closest relative to that space's threshold (the one that flagged it), the
+    pixel-space neighbour too, and both distances."""
     f = result.flagged
     feature = result.distance.get("feature", np.full(len(f), np.nan))
     pixel = result.distance.get("pixel", np.full(len(f), np.nan))
-    nearest = result.nearest.get("feature", result.nearest.get("pixel"))
+    nearest = _nearest_by_closest_space(result)
     pixel_nearest = result.nearest.get("pixel", nearest)
     return pa.table({
         "image_id": pa.array(result.image_id[f].tolist(), pa.string()),
@@ -198,7 +199,7 @@ def run_audit(config: AuditConfig, log: Callable[[str], None] = print) -> dict[s
                           workers=config.workers, use_gpu=config.use_gpu,
                           cpus_per_worker=config.cpus_per_worker, s3_endpoint=config.s3_endpoint)
     banks = ensure_banks(requests, artifact=artifact, files=files, compute=compute,
-                         bank_dir=config.bank_dir, log=log)
+                         bank_dir=config.bank_dir, fallback_dir=out.join("banks").uri, log=log)
     train, held_out = (b.load(thumbs=True) for b in banks[:2])
     blocks = (block for bank in banks[2:] for block in bank.iter_blocks(thumbs=True))
     result = audit(train, held_out, blocks, AuditRule(percentile=config.percentile), audited.classes)
@@ -237,12 +238,30 @@ def _record(config: AuditConfig, result: AuditResult, classifier_sha: str, n_tra
     }
 
 
+def _relative(result: AuditResult) -> np.ndarray:
+    """(spaces, n): each distance over its space's threshold (below 1: flagged there)."""
+    return np.stack([result.distance[s] / max(result.thresholds[s], 1e-12) for s in result.rule.spaces])
+
+
+def _nearest_by_closest_space(result: AuditResult) -> np.ndarray:
+    """Per row, the nearest training image of the space where the row is closest relative to
+    that space's threshold: the neighbour that flagged it."""
+    if not len(result.flagged):
+        return np.zeros(0, dtype=str)
+    which = np.argmin(_relative(result), axis=0)
+    by_space = np.stack([result.nearest[s] for s in result.rule.spaces])
+    return by_space[which, np.arange(len(which))]
+
+
 def _closest(result: AuditResult, n: int = CLOSEST_PAIRS) -> list[dict[str, Any]]:
-    """The audited images nearest to a training image in feature space (flagged or not)."""
-    space = "feature" if "feature" in result.distance else result.rule.spaces[0]
-    order = np.argsort(result.distance[space], kind="stable")[:n]
+    """The audited images closest to a training image relative to the thresholds (the smaller
+    of distance / threshold over the spaces; flagged or not), each with that neighbour."""
+    if not len(result.flagged):
+        return []
+    order = np.argsort(np.min(_relative(result), axis=0), kind="stable")[:n]
+    nearest = _nearest_by_closest_space(result)
     return [{"image_id": str(result.image_id[i]), "label": str(result.label[i]),
-             "nearest_real_id": str(result.nearest[space][i]),
+             "nearest_real_id": str(nearest[i]),
              **{f"{s}_distance": float(result.distance[s][i]) for s in result.rule.spaces},
              "flagged": bool(result.flagged[i])} for i in order]
 
@@ -271,19 +290,25 @@ def format_summary(record: Mapping[str, Any]) -> str:
 # The closest pairs, as pictures
 
 
-def read_images(root: Location, manifest: shards.Manifest, ids: Sequence[str]) -> dict[str, bytes]:
-    """PNG bytes of the rows with these image ids (a scan of the set's shards, ids only first)."""
+def read_images(root: Location, manifest: shards.Manifest, ids: Sequence[str],
+                split: str | None = None) -> dict[str, bytes]:
+    """PNG bytes of the rows with these image ids: each shard's ``image_id`` column first, the
+    ``image`` column only of the shards that hold one (a few of a set's files, not all)."""
     wanted, found = set(ids), {}
-    for path in manifest.files:
-        loc = root.join(path)
-        with loc.fs.open_input_file(loc.path) as f:
-            table = pq.read_table(f, columns=["image_id", "image"])
-        keep = pa.compute.is_in(table.column("image_id"), pa.array(sorted(wanted - set(found))))
-        for row in table.filter(keep).to_pylist():
-            image = row["image"]
-            found[row["image_id"]] = image["bytes"] if isinstance(image, dict) else image
+    for path in shards.select_files(manifest, None, split):
         if len(found) == len(wanted):
             break
+        loc = root.join(path)
+        with loc.fs.open_input_file(loc.path) as f:
+            held = set(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+        hits = (wanted - set(found)) & held
+        if not hits:
+            continue
+        with loc.fs.open_input_file(loc.path) as f:
+            table = pq.read_table(f, columns=["image_id", "image"])
+        for row in table.filter(pa.compute.is_in(table.column("image_id"), pa.array(sorted(hits)))).to_pylist():
+            image = row["image"]
+            found[row["image_id"]] = image["bytes"] if isinstance(image, dict) else image
     return found
 
 
@@ -305,7 +330,7 @@ def closest_pairs_png(config: AuditConfig, result: AuditResult) -> bytes:
                           [p["image_id"] for p in pairs])
     real = read_images(resolve(config.real, config.s3_endpoint),
                        shards.read_manifest(resolve(config.real, config.s3_endpoint)),
-                       [p["nearest_real_id"] for p in pairs])
+                       [p["nearest_real_id"] for p in pairs], split=config.split)
     fig = Figure(figsize=(1.6 * len(pairs), 3.6))
     axes = fig.subplots(2, len(pairs), squeeze=False)
     for column, pair in enumerate(pairs):

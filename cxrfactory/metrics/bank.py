@@ -9,9 +9,9 @@ class-consistency, the memorization audit), so a set is pushed through the Dense
 classifier, not once per metric. It lives next to the set it describes::
 
     <shard root>/_features/<classifier sha256[:16]>/<split>-<identity[:12]>/
-        part-00000.parquet ...   image_id, label, patient_id, feature (float32[d]),
-                                 thumb (uint8[32*32]), predicted (the classifier's top-1 class)
-        bank.json                what made it (identity) and its rows per class; written last
+        build-<id>/part-00000.parquet ...   image_id, label, split, patient_id, feature
+                                 (float32[d]), thumb (uint8[32*32]), predicted (top-1 class)
+        bank.json                what made it (identity), its parts and rows per class; last
 
 The leading ``_`` keeps pandas, pyarrow and Ray readers of the shard folder from seeing it; the
 classifier's sha256 in the path means banks of two classifiers never mix, and ``bank.json``'s
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,20 @@ class FeatureBank:
     def _parts(self) -> list[Location]:
         return [self.location.join(p) for p in self.meta["parts"]]
 
+    def verify(self) -> None:
+        """Every listed part is there and they hold the rows bank.json counts (footers only)."""
+        rows = 0
+        for part in self._parts():
+            try:
+                with part.fs.open_input_file(part.path) as f:
+                    rows += pq.read_metadata(f).num_rows
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise BankError(f"feature bank {self.uri} lacks or cannot read {part.uri} ({exc}); "
+                                "delete its bank.json to rebuild it") from None
+        if rows != sum(self.counts.values()):
+            raise BankError(f"feature bank {self.uri} holds {rows} rows, its bank.json counts "
+                            f"{sum(self.counts.values())}; delete its bank.json to rebuild it")
+
     def iter_blocks(self, *, thumbs: bool = False, classes: Sequence[str] | None = None
                     ) -> Iterator[BankArrays]:
         """The rows part by part (memory flat in the bank's size), optionally some classes only."""
@@ -140,13 +155,16 @@ class FeatureBank:
                 yield _arrays(table, self.feature_dim, thumbs)
 
     def load(self, *, thumbs: bool = False, classes: Sequence[str] | None = None) -> BankArrays:
-        """Every (kept) row in memory."""
+        """Every (kept) row in memory, sorted by image_id."""
         blocks = list(self.iter_blocks(thumbs=thumbs, classes=classes))
         if not blocks:
             return _empty(self.feature_dim, thumbs)
-        return BankArrays(*(np.concatenate([getattr(b, f) for b in blocks]) if getattr(blocks[0], f) is not None
+        rows = BankArrays(*(np.concatenate([getattr(b, f) for b in blocks]) if getattr(blocks[0], f) is not None
                             else None for f in ("image_id", "label", "patient_id", "predicted",
                                                 "feature", "thumb")))
+        # Rows arrive in the order the actors finished; sorted by image_id, a seeded draw
+        # (KID's subsets, the bootstrap) picks the same images whichever bank served them.
+        return rows.take(np.argsort(rows.image_id, kind="stable"))
 
 
 def _arrays(table: pa.Table, dim: int, thumbs: bool) -> BankArrays:
@@ -190,7 +208,9 @@ def open_bank(location: Location, expected: Mapping[str, Any]) -> FeatureBank | 
             raise BankError(f"feature bank {location.uri} was made with another {what} "
                             f"({found.get(key)!r} instead of {expected[key]!r}): it cannot be "
                             "mixed with this evaluation's features; delete it to rebuild it")
-    return FeatureBank(location, meta)
+    bank = FeatureBank(location, meta)
+    bank.verify()
+    return bank
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,11 +241,13 @@ class FeatureEmbedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cxrfactory.images import decode_png
 
-        pixels = [decode_png(item["bytes"] if isinstance(item, dict) else item)
-                  for item in batch.column("image").to_pylist()]
-        features, predicted = [], []
-        for start in range(0, len(pixels), self.inference_batch):
-            chunk = pixels[start:start + self.inference_batch]
+        images = batch.column("image").to_pylist()
+        features, predicted, thumbs = [], [], []
+        for start in range(0, len(images), self.inference_batch):
+            # Decoded a chunk at a time: a batch of full-size NIH images would not fit at once.
+            chunk = [decode_png(item["bytes"] if isinstance(item, dict) else item)
+                     for item in images[start:start + self.inference_batch]]
+            thumbs.append(thumbnails(chunk))
             x = (self.preprocess(np.stack(chunk), self.preprocessing) if len({p.shape for p in chunk}) == 1
                  else torch.cat([self.preprocess(p[None], self.preprocessing) for p in chunk]))
             with torch.inference_mode():
@@ -233,17 +255,19 @@ class FeatureEmbedder:
                 predicted.append(self.model.classifier(f).argmax(dim=1).cpu().numpy())
             features.append(f.float().cpu().numpy())
         dim = self.model.feature_dim
+        thumb = np.concatenate(thumbs) if thumbs else thumbnails([])
         feature = np.concatenate(features) if features else np.zeros((0, dim), np.float32)
         top1 = self.classes[np.concatenate(predicted)] if predicted else np.zeros(0, dtype=str)
         return pa.table({
             "bank": batch.column("bank"),
             "image_id": batch.column("image_id"),
             "label": batch.column("label"),
+            "split": batch.column("split"),
             "patient_id": batch.column("patient_id"),
             "predicted": pa.array(top1.tolist(), type=pa.string()),
             "feature": pa.FixedSizeListArray.from_arrays(pa.array(feature.reshape(-1), pa.float32()), dim),
             "thumb": pa.FixedSizeListArray.from_arrays(
-                pa.array(thumbnails(pixels).reshape(-1), pa.uint8()), THUMB * THUMB),
+                pa.array(thumb.reshape(-1), pa.uint8()), THUMB * THUMB),
         })
 
 
@@ -287,13 +311,11 @@ def build_banks(todo: Sequence[tuple[BankRequest, Location, dict[str, Any]]], *,
     use_gpu = gpus > 0 if compute.use_gpu is None else compute.use_gpu
     if use_gpu and not gpus:
         raise BankError("GPU feature actors were asked for, but the Ray cluster has no GPU")
-    for _, location, _ in todo:
-        try:
-            location.delete_contents()  # the parts of an interrupted build, never a finished bank
-            check_writable(location)
-        except StorageError as exc:
-            raise BankError(f"cannot write a feature bank at {location.uri} ({exc}); give a "
-                            "writable --bank-dir") from None
+    # Each build writes into a folder of its own and publishes by writing bank.json (which
+    # names its parts) last: two runs building one bank never touch each other's parts, and
+    # the one that finishes second replaces an identical bank. An interrupted build leaves an
+    # unreferenced build-* folder, which no run reads (delete it freely).
+    builds = [location.join(f"build-{uuid.uuid4().hex[:12]}") for _, location, _ in todo]
     parts = []
     for index, (request, _, _) in enumerate(todo):
         ds, _ = read_shards(request.uri, split=request.split, classes=list(request.classes),
@@ -310,7 +332,7 @@ def build_banks(todo: Sequence[tuple[BankRequest, Location, dict[str, Any]]], *,
         compute=ray.data.ActorPoolStrategy(size=compute.workers or (gpus if use_gpu else 1)),
         num_cpus=compute.cpus_per_worker, num_gpus=1 if use_gpu else 0,
     )
-    writers = [_PartWriter(location) for _, location, _ in todo]
+    writers = [_PartWriter(build) for build in builds]
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         which = batch.column("bank").to_numpy()
         for index in np.unique(which):
@@ -318,7 +340,8 @@ def build_banks(todo: Sequence[tuple[BankRequest, Location, dict[str, Any]]], *,
     banks = []
     for writer, (request, location, ident) in zip(writers, todo):
         writer.flush()
-        meta = {"identity": ident, "uri": request.uri, "parts": writer.parts,
+        parts = [f"{writer.location.path.rsplit('/', 1)[-1]}/{name}" for name in writer.parts]
+        meta = {"identity": ident, "uri": request.uri, "parts": parts,
                 "counts": {c: int(writer.counts.get(c, 0)) for c in request.classes}}
         location.join(filenames.BANK).write_text(json.dumps(meta, indent=2) + "\n")
         log(f"[bank] {sum(meta['counts'].values())} rows of {request.uri} (split {request.split}) "
@@ -366,33 +389,63 @@ def manifest_sha256(uri: str, s3_endpoint: str | None) -> str:
 
 
 def ensure_banks(requests: Sequence[BankRequest], *, artifact: Any, files: ArtifactFiles,
-                 compute: BankCompute, bank_dir: str | None = None, log=print) -> list[FeatureBank]:
+                 compute: BankCompute, bank_dir: str | None = None, fallback_dir: str | None = None,
+                 log=print) -> list[FeatureBank]:
     """One open bank per request: reused when it exists (a capped request is also served by
-    a bank of every row), the missing ones built in one pipeline."""
+    a bank of every row), the missing ones built in one pipeline.
+
+    Banks live next to their set, or under ``bank_dir``; when a set's folder cannot be written
+    (a read-only bucket) and no ``bank_dir`` is given, under ``fallback_dir`` (a job's output).
+    """
     preprocessing = artifact.preprocessing.to_dict()
     found: list[FeatureBank | None] = []
     todo: dict[str, tuple[BankRequest, Location, dict[str, Any]]] = {}
     where: list[str] = []
     for request in requests:
         sha = manifest_sha256(request.uri, compute.s3_endpoint)
-        root = bank_root(request.uri, artifact.sha256, bank_dir=bank_dir, s3_endpoint=compute.s3_endpoint)
+        roots = [bank_root(request.uri, artifact.sha256, bank_dir=bank_dir, s3_endpoint=compute.s3_endpoint)]
+        if fallback_dir and not bank_dir:
+            roots.append(bank_root(request.uri, artifact.sha256, bank_dir=fallback_dir,
+                                   s3_endpoint=compute.s3_endpoint))
 
-        def locate(req: BankRequest) -> tuple[Location, dict[str, Any]]:
+        def locate(root: Location, req: BankRequest) -> tuple[Location, dict[str, Any]]:
             ident = identity(req, manifest_sha256=sha, classifier_sha256=artifact.sha256,
                              preprocessing=preprocessing, feature_dim=artifact.model.feature_dim)
             return root.join(f"{req.split}-{shards.fingerprint(ident)[:12]}"), ident
 
         every = BankRequest(request.uri, request.split, request.classes, {})
-        bank = open_bank(*locate(every))
-        if bank is not None and request.thresholds:
-            bank = FeatureBank(bank.location, bank.meta, request.thresholds)
-        location, ident = locate(request)
-        bank = bank or open_bank(location, ident)
+        bank = None
+        for root in roots:
+            bank = open_bank(*locate(root, every))
+            if bank is not None and request.thresholds:
+                bank = FeatureBank(bank.location, bank.meta, request.thresholds)
+            bank = bank or open_bank(*locate(root, request))
+            if bank is not None:
+                break
         if bank is not None:
             log(f"[bank] reusing {bank.uri}")
-        else:
-            todo.setdefault(location.uri, (request, location, ident))
-        found.append(bank)
+            found.append(bank)
+            where.append(bank.uri)
+            continue
+        location, ident = locate(_writable(roots, request.uri, log), request)
+        todo.setdefault(location.uri, (request, location, ident))
+        found.append(None)
         where.append(location.uri)
     built = dict(zip(todo, build_banks(list(todo.values()), files=files, compute=compute, log=log)))
     return [bank if bank is not None else built[uri] for bank, uri in zip(found, where)]
+
+
+def _writable(roots: Sequence[Location], set_uri: str, log) -> Location:
+    """The first root a bank can be written under (probed once per build)."""
+    for number, root in enumerate(roots):
+        try:
+            check_writable(root)
+        except StorageError as exc:
+            if number + 1 < len(roots):
+                log(f"[bank] {root.uri} cannot be written ({exc}); the bank of {set_uri} goes "
+                    f"under {roots[number + 1].uri}")
+                continue
+            raise BankError(f"cannot write a feature bank at {root.uri} ({exc}); give a "
+                            "writable --bank-dir") from None
+        return root
+    raise AssertionError("no bank root")  # roots is never empty

@@ -73,7 +73,7 @@ class FDDConfig:
     cpus_per_worker: float = 1.0  # Ray CPUs per actor (also its torch threads, on CPU)
     s3_endpoint: str | None = None  # S3-compatible endpoint for s3:// locations
     metrics: tuple[str, ...] = registry.DEFAULT  # by name (metrics/registry.py); fdd and class_consistency always
-    bank_dir: str | None = None  # where feature banks go; None: next to each set (<set>/_features)
+    bank_dir: str | None = None  # where feature banks go; None: next to each set (<set>/_features), or <cache>/banks where a set cannot be written
     bootstrap_reps: int = 100  # resamples of FDD's excess-over-floor interval
     seed: int = 0  # the bootstrap's and KID's subset draws
 
@@ -227,6 +227,10 @@ def prepare_fdd(config: FDDConfig, log: Callable[[str], None] = print) -> FDDInp
     real, real_sha = _manifest(config.real, config.s3_endpoint)
     if config.split not in real.counts:
         raise FDDError(f"{config.real} has no split {config.split!r} (it holds {', '.join(real.counts)})")
+    if "memorization" in config.metrics and not sum(real.counts.get("train", {}).values()):
+        raise FDDError(f"the memorization metric compares synthetic images with the real training "
+                       f"split, but {config.real} has no rows in split 'train'; drop memorization "
+                       "from --metrics")
     synthetic = {name: _manifest(uri, config.s3_endpoint)[0] for name, uri in config.synthetic}
     sides = {f"{config.real} (split {config.split})": real.counts[config.split]}
     sides.update({f"{uri} ({name})": synthetic[name].counts.get(shards.SYNTHETIC_SPLIT, {})
@@ -273,8 +277,9 @@ def _measure(config: FDDConfig, inputs: FDDInputs, out: Location,
     compute = BankCompute(batch_rows=config.batch_rows, inference_batch=config.inference_batch,
                           workers=config.workers, use_gpu=config.use_gpu,
                           cpus_per_worker=config.cpus_per_worker, s3_endpoint=config.s3_endpoint)
+    fallback = (resolve(config.cache_dir, config.s3_endpoint) if config.cache_dir else out.join("cache")).join("banks")
     banks = ensure_banks(requests, artifact=inputs.artifact, files=inputs.files, compute=compute,
-                         bank_dir=config.bank_dir, log=log)
+                         bank_dir=config.bank_dir, fallback_dir=fallback.uri, log=log)
     known = inputs.artifact.classes
     rows = registry.EvaluationRows(
         tuple(classes), tuple(known), banks[0].load(thumbs=memorization, classes=classes),

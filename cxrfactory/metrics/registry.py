@@ -80,8 +80,9 @@ def _fdd(rows: EvaluationRows) -> MetricResult:
                                  reps=rows.bootstrap_reps, seed=rows.seed)
 
     return MetricResult(_per_class(rows, measure), {
-        "excess": "FDD minus the floor (FDD between the real split's patient halves), with a "
-                  "95% percentile bootstrap interval over real, synthetic and half rows",
+        "excess": "FD(half a, synthetic) - FD(half a, half b) at equal sizes (the real split's "
+                  "patient halves): 0 for a set as good as new real images; interval: estimate "
+                  "± 1.96 bootstrap standard errors",
         "reps": rows.bootstrap_reps})
 
 
@@ -127,7 +128,10 @@ def _memorization(rows: EvaluationRows) -> MetricResult:
         per_set[name] = {c: result.per_class[c]["flag_rate"] if c in result.per_class else None
                          for c in rows.classes}
         info = {"rule": result.rule_record(), "thresholds": result.thresholds,
-                "held_out_flag_rate": result.held_out_flag_rate}
+                "held_out_flag_rate": result.held_out_flag_rate,
+                "reference": "thresholds from this evaluation's sample of the real split and its "
+                             "classes (jobs/audit.py uses every held-out row, so its rates differ "
+                             "slightly)"}
     return MetricResult(per_set, info)
 
 

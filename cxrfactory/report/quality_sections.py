@@ -9,6 +9,8 @@ it; a null value is an undefined number and shows as a dash, as everywhere in th
 
 from __future__ import annotations
 
+from scipy.stats import binomtest
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -81,9 +83,10 @@ def excess_cell(entry: Any) -> str:
 
 
 def kid_cell(entry: Any) -> str:
-    """KID ± its spread over subsets, three significant digits (its scale follows the
-    classifier's features, so no fixed multiplier reads well), e.g. ``0.0123 ± 0.000561``."""
-    kid, std = finite(_field(entry, "kid")), finite(_field(entry, "kid_std"))
+    """KID ± its jackknife standard error, three significant digits (its scale follows the
+    classifier's features, so no fixed multiplier reads well), e.g. ``0.0123 ± 0.000561``.
+    Files from before ``kid_se`` show KID alone (their subset spread is 0 at equal counts)."""
+    kid, std = finite(_field(entry, "kid")), finite(_field(entry, "kid_se"))
     if kid is None:
         return DASH
     return f"{kid:.3g}" + ("" if std is None else f" ± {std:.3g}")
@@ -190,7 +193,7 @@ def quality_section(result: Mapping[str, Any] | None, absent: Sequence[str]) -> 
     if (settings.get("prdc") or {}).get("k"):
         shown.append(f"precision/recall/density/coverage with k = {settings['prdc']['k']}")
     if (settings.get("kid") or {}).get("kernel"):
-        shown.append(f"KID kernel `{settings['kid']['kernel']}`, ± its spread over subsets")
+        shown.append(f"KID kernel `{settings['kid']['kernel']}`, ± its jackknife standard error")
     if shown:
         blocks.append(Paragraph(f"Settings: {'; '.join(shown)}."))
     return Section(QUALITY, tuple(blocks))
@@ -212,13 +215,22 @@ def audit_verdict(audit: AuditInfo) -> str:
         copies = flagged > 0
     else:
         text += f"held-out real images are flagged at {percent(held_out)} by the same rule"
-        copies = rate is not None and rate > held_out
+        # More flags than new patients get by chance: a one-sided binomial test at 5%, so a
+        # set that copies no one, whose rate scatters around the held-out rate, is not called
+        # a copier half of the time.
+        copies = total > 0 and binomtest(flagged, total, min(max(held_out, 1e-9), 1.0),
+                                         alternative="greater").pvalue < 0.05
     if copies:
-        return (text + ": the set holds near-copies of training images; "
+        return (text + (": more than chance allows (one-sided binomial test, p < 0.05), so the set"
+                        if held_out is not None else ": the set") + " holds near-copies of training images; "
                 f"`jobs/synthesize.py --exclude-flagged {audit.uri}` (same generator and seed, a new "
                 "--out) makes a set with them replaced.")
     if held_out is None:
         return text + ": no image is closer to a training image than the rule allows."
+    if flagged:
+        return (text + ": within what new patients get by chance (one-sided binomial test), so "
+                "the set is no closer to the training patients than new patients are; the "
+                f"flagged images can still be replaced (`jobs/synthesize.py --exclude-flagged {audit.uri}`).")
     return text + ": the set is no closer to the training patients than new patients are."
 
 
