@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cxrfactory import filenames, shards
+from tests.shard_helpers import write_synthetic_set
 from cxrfactory.classifier.artifact import save_classifier_artifact
 from cxrfactory.classifier.config import NETWORK_SIZES
 from cxrfactory.data import nih
@@ -38,21 +39,6 @@ def rows_of(root: Path, split: str) -> pd.DataFrame:
     manifest = json.loads((root / filenames.MANIFEST).read_text())
     rows = pd.concat([pq.read_table(root / f).to_pandas() for f in manifest["files"]], ignore_index=True)
     return rows[rows["split"] == split].sort_values("image_id").reset_index(drop=True)
-
-
-def write_set(out: Path, rows: list[dict]) -> Path:
-    """A shard folder of the given rows (split "synthetic"), one file per class."""
-    root = resolve(str(out))
-    files, counts = [], {}
-    for label in CLASSES:
-        part = [r for r in rows if r["label"] == label]
-        if part:
-            files.append(shards.shard_path("synthetic", label, 0))
-            shards.write_shard(root.join(files[-1]), shards.make_table(part))
-            counts[label] = len(part)
-    shards.write_manifest(root, shards.Manifest(source="synthetic", classes=list(CLASSES),
-                                                counts={"synthetic": counts}, files=files))
-    return out
 
 
 def synthetic_row(image_id: str, label: str, pixels: np.ndarray) -> dict:
@@ -87,7 +73,7 @@ def planted(ray_session, tmp_path_factory) -> dict:
     torch.manual_seed(1)
     other = densenet121_xray(num_classes=len(CLASSES), **NETWORK_SIZES["tiny"]).eval()
     save_classifier_artifact(base / "clf_other", other, CLASSES, Preprocessing(resolution=RES))
-    return {"base": base, "real": base / "real", "synthetic": write_set(base / "syn", rows),
+    return {"base": base, "real": base / "real", "synthetic": write_synthetic_set(base / "syn", rows, CLASSES),
             "sources": sources, "new": len(val), "clf": base / "clf", "clf_other": base / "clf_other"}
 
 

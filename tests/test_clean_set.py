@@ -16,14 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from cxrfactory import filenames
+from tests.shard_helpers import save_tiny_generator
 from cxrfactory import shards
-from cxrfactory.gan.artifact import load_generator_artifact, save_generator_artifact
-from cxrfactory.gan.config import Config, ModelConfig
+from cxrfactory.gan.artifact import load_generator_artifact
 from cxrfactory.images import decode_png
-from cxrfactory.models import build_generator
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
 from cxrfactory.synthesis import (
@@ -50,15 +48,8 @@ def _id(label: str, i: int, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def generator_dir(tmp_path_factory) -> Path:
     """A tiny generator (16 px), weights scaled up so images of different seeds differ."""
-    torch.manual_seed(0)
-    config = Config(model=ModelConfig(classes=CLASSES, ngf=8, base_resolution=8, num_branches=2, z_dim=8))
-    net = build_generator(config)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim > 1:
-                p.mul_(2.0)
     path = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator_artifact(str(path), net, config)
+    save_tiny_generator(path, CLASSES, ngf=8, z_dim=8)
     return path
 
 

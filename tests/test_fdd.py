@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cxrfactory import filenames
-from cxrfactory import shards
+from tests.shard_helpers import write_synthetic_set
 from cxrfactory.images import decode_png, encode_png
 from cxrfactory.data import nih
 from cxrfactory.data.phantom import PhantomConfig, make_phantom_folder
@@ -27,7 +27,6 @@ from cxrfactory.classifier.artifact import read_classifier_files, save_classifie
 from cxrfactory.weights import ArtifactError
 from cxrfactory.models.densenet import Preprocessing, densenet121_xray
 from cxrfactory.raydata import stable_fraction
-from cxrfactory.storage import resolve
 from cxrfactory.classifier.config import NETWORK_SIZES
 from cxrfactory.models.densenet import decode_images
 
@@ -74,16 +73,7 @@ def write_synthetic(real: Path, out: Path, noise: float, seed: int = 0) -> Path:
                      "label": row["label"], "findings": [row["label"]], "split": "synthetic",
                      "patient_id": None, "source": "synthetic", "seed": i, "generator": "0" * 64,
                      "height": RES, "width": RES})
-    root = resolve(str(out))
-    files, counts = [], dict.fromkeys(CLASSES, 0)
-    for label in CLASSES:
-        part = [r for r in rows if r["label"] == label]
-        files.append(shards.shard_path("synthetic", label, 0))
-        shards.write_shard(root.join(files[-1]), shards.make_table(part))
-        counts[label] = len(part)
-    shards.write_manifest(root, shards.Manifest(source="synthetic", classes=list(CLASSES),
-                                                counts={"synthetic": counts}, files=files))
-    return out
+    return write_synthetic_set(out, rows, CLASSES)
 
 
 def tiny_artifact(directory: Path, seed: int, growth_rate: int = 8) -> Path:

@@ -17,12 +17,11 @@ import pytest
 import torch
 
 from cxrfactory import filenames
+from tests.shard_helpers import save_tiny_generator
 from cxrfactory import shards
 from cxrfactory.images import decode_png, encode_png
 from cxrfactory.shard_dataset import ShardDataset
-from cxrfactory.gan.artifact import load_generator_artifact, save_generator_artifact
-from cxrfactory.gan.config import Config, ModelConfig
-from cxrfactory.models import build_generator
+from cxrfactory.gan.artifact import load_generator_artifact
 from cxrfactory.runtime import run_job
 from cxrfactory.storage import resolve
 from cxrfactory.synthesis import (
@@ -42,14 +41,7 @@ def _job():
 
 
 def _save_tiny_generator(dest) -> str:
-    torch.manual_seed(0)
-    config = Config(model=ModelConfig(classes=CLASSES, ngf=16, base_resolution=8, num_branches=2, z_dim=16))
-    net = build_generator(config)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim > 1:
-                p.mul_(2.0)  # contrast: pixel std ~20 grey levels instead of ~0.5
-    return save_generator_artifact(dest, net, config)
+    return save_tiny_generator(dest, CLASSES)
 
 
 @pytest.fixture(scope="module")
