@@ -10,7 +10,8 @@ memory flat in the number of synthetic images. A smaller case is measured and ex
    them would be timed too, and the search's cost does not depend on the values). Peak RSS per
    query count (Linux: VmHWM, reset before each case), so equal peaks mean flat memory.
 2. Baselines in the same run: raw BLAS throughput of one product of the search's block shape,
-   torch (the search's own BLAS) and NumPy (its OpenBLAS), as GFLOP/s; and a naive unblocked
+   NumPy (its OpenBLAS, the search's own BLAS since the search moved off torch's) and torch, as
+   GFLOP/s; and a naive unblocked
    ``torch.cdist(q, ref).min(1)`` over ``--cdist-queries`` queries (memory O(n_q x n_ref)).
 
 Rates count 2 n_q n_ref d flops per space (the product; the rest is a small share).
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=1024,
                         help="vector dimension (features; thumbnails are 32x32 = 1024)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
+                        help="torch intra-op threads for the torch baselines (default: torch's "
+                             "choice); the search's NumPy threads: OPENBLAS_NUM_THREADS")
     parser.add_argument("--stream", type=int, default=2000,
                         help="rows per streamed query block (with --block-rows, the smaller "
                         "sets the score buffer: memory)")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     # and the CPU time spread over the threads (the machine to itself; spin-waiting under
     # contention inflates CPU time, so this one errs slow).
     goal_flops = GOAL_QUERIES * GOAL_SPACES * 2 * args.real * args.dim
-    threads = torch.get_num_threads()
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)  # the search's BLAS threads
     print(f"\nextrapolated, {GOAL_QUERIES} queries x {GOAL_SPACES} spaces against {args.real} "
           f"rows at the last row's rates: {goal_flops / gflops / 1e9 / 60:.1f} min wall-clock as "
           f"measured; {goal_flops / (per_cpu * threads) / 1e9 / 60:.1f} min on {threads} "
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     print("## Baselines, same run\n")
     print("| measure | GFLOP/s | GFLOP per CPU second | search's ratio to it (wall, per CPU s) |")
     print("|---|---:|---:|---:|")
-    rows_out = [(f"torch.mm {rows} x {args.dim} x {refs} (torch's BLAS, the search's)",
-                 gemm["torch"]), ("numpy matmul, same shape (NumPy's OpenBLAS)", gemm["numpy"])]
+    rows_out = [(f"torch.mm {rows} x {args.dim} x {refs} (torch's BLAS)", gemm["torch"]),
+                ("numpy matmul, same shape (NumPy's OpenBLAS, the search's)", gemm["numpy"])]
     if cdist is not None:
         rows_out.append((f"torch.cdist + min, {args.cdist_queries} x {args.real} unblocked "
                          f"({args.cdist_queries * args.real * 4 / 2**20:.0f} MiB matrix), "
