@@ -425,6 +425,25 @@ def test_audit_section_shows_the_rule_rates_and_closest_pairs(full_report, input
     assert "**Memorization audit**: 5 of 24 images (20.8%) flagged" in md.split("## Fig. 2")[0]
 
 
+def test_class_verdict_names_a_class_above_chance_after_correction():
+    from cxrfactory.report.quality_sections import class_verdict
+
+    record = audit_record("synth/x") | {"held_out_flag_rate": 0.02}
+    record["per_class"] = {c: {"n": 200, "flagged": 4, "flag_rate": 0.02} for c in ("A", "B", "C")}
+    clean = class_verdict(AuditInfo("audits/x", record, None))
+    assert clean.startswith("**Per class**: no class is flagged more often") and "0.05/3" in clean
+    record["per_class"]["B"] = {"n": 200, "flagged": 16, "flag_rate": 0.08}  # p ~ 1e-4 at 2%
+    named = class_verdict(AuditInfo("audits/x", record, None))
+    assert "B 16 of 200" in named and "A " not in named.split(":", 2)[2]
+    # 11 of 200 at 2.8% (p = 0.026) is chance once nine classes are tested
+    record["per_class"] = {c: {"n": 200, "flagged": 11 if c == "Mass" else 1, "flag_rate": 0.0}
+                           for c in ("Mass", "A", "B", "C", "D", "E", "F", "G", "H")}
+    record["held_out_flag_rate"] = 0.028
+    assert "lowest p is Mass's, 0.026" in class_verdict(AuditInfo("audits/x", record, None))
+    record["held_out_flag_rate"] = None
+    assert class_verdict(AuditInfo("audits/x", record, None)) is None
+
+
 def test_audit_verdict_compares_with_the_held_out_rate():
     record = audit_record("synth/x")
     assert "the set holds near-copies" in audit_verdict(AuditInfo("audits/x", record, None))

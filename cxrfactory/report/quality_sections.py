@@ -234,6 +234,30 @@ def audit_verdict(audit: AuditInfo) -> str:
     return text + ": the set is no closer to the training patients than new patients are."
 
 
+def class_verdict(audit: AuditInfo) -> str | None:
+    """Which classes are flagged more often than new patients are, each by a one-sided binomial
+    test at 5% Bonferroni-corrected over the classes (a generator may copy one class's few
+    training patients while the set as a whole looks clean). None without a held-out rate."""
+    record = audit.record
+    held_out = finite(record.get("held_out_flag_rate"))
+    classes = {c: v for c, v in (record.get("per_class") or {}).items() if int(v.get("n", 0)) > 0}
+    if held_out is None or not classes:
+        return None
+    p = {c: binomtest(int(v.get("flagged", 0)), int(v["n"]), min(max(held_out, 1e-9), 1.0),
+                      alternative="greater").pvalue for c, v in classes.items()}
+    level = 0.05 / len(classes)
+    above = [c for c in classes if p[c] < level]
+    lowest = min(p, key=p.get)
+    if above:
+        return ("**Per class**: flagged more often than new patients (one-sided binomial test, "
+                f"p < 0.05/{len(classes)}): " + ", ".join(
+                    f"{c} {classes[c]['flagged']} of {classes[c]['n']} (p = {p[c]:.2g})" for c in above)
+                + "; those classes' generator copies training patients.")
+    return (f"**Per class**: no class is flagged more often than new patients once the "
+            f"{len(classes)} classes are tested together (one-sided binomial, p < 0.05/{len(classes)}); "
+            f"the lowest p is {lowest}'s, {p[lowest]:.2g} ({classes[lowest]['flagged']} of {classes[lowest]['n']}).")
+
+
 def _distance_cells(distances: Mapping[str, Any], spaces: Sequence[str]) -> list[str]:
     return [fmt(_field(distances.get(s), "median"), 4) for s in spaces]
 
@@ -266,6 +290,8 @@ def audit_section(audit: AuditInfo | None, absent: Sequence[str],
         "the held-out real images (cross-fitted over patient halves, so no image is judged by a "
         "threshold it helped set): the rate to expect from a set that copies no one."))
     blocks.append(Paragraph(f"**Verdict**: {audit_verdict(audit)}"))
+    if (per_class := class_verdict(audit)) is not None:
+        blocks.append(Paragraph(per_class))
     rows = [(c, f"{int(v.get('n', 0)):,}", f"{int(v.get('flagged', 0)):,}", percent(v.get("flag_rate")),
              *_distance_cells(v.get("distances") or {}, spaces))
             for c, v in record["per_class"].items()]
