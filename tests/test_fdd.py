@@ -263,7 +263,9 @@ def test_outputs_and_cache_on_s3(first_run, fdd_inputs, s3_bucket, s3_endpoint) 
         first_run["result"]["synthetic"]["noisy"]["fdd"], rel=1e-5)
 
 
-def test_side_stats_keys_patient_halves_and_counts_hits() -> None:
+def test_side_stats_keys_patient_halves_and_consistency_counts_known_classes() -> None:
+    from cxrfactory.metrics.registry import consistency
+
     rng = np.random.default_rng(0)
     n = 200
     patients = np.array([f"p{i // 2}" for i in range(n)])  # two images per patient
@@ -271,7 +273,7 @@ def test_side_stats_keys_patient_halves_and_counts_hits() -> None:
     predicted = np.where(np.arange(n) % 4 == 0, "B", labels)  # every 4th row guessed "B"
     rows = BankArrays(np.array([f"img{i}" for i in range(n)]), labels, patients, predicted,
                       rng.normal(size=(n, 3)).astype(np.float32), None)
-    side = side_stats(rows, ["A", "B"], known=("A", "B"), halves=True)
+    side = side_stats(rows, ["A", "B"], halves=True)
     assert set(side.stats.labels) == {"A/a", "A/b", "B/a", "B/b"}  # class C is not evaluated
     first = stable_fraction(patients, HALF_SALT) < 0.5
     for label in ("A", "B"):
@@ -279,12 +281,12 @@ def test_side_stats_keys_patient_halves_and_counts_hits() -> None:
         assert side.stats.count(f"{label}/a") == int((mine & first).sum())
         merged = side.by_class()
         np.testing.assert_allclose(merged.mean_cov(label)[0], rows.feature[mine].astype(np.float64).mean(axis=0), rtol=1e-9)
-        assert side.accuracy(label) == pytest.approx(float(np.mean(predicted[mine] == label)))
+        assert consistency(rows.of_class(label), ("A", "B")) == pytest.approx(float(np.mean(predicted[mine] == label)))
     # a patient's images never straddle the halves
     for p in np.unique(patients):
         assert len(set(first[patients == p])) == 1
-    unknown = side_stats(rows, ["C"], known=("A", "B"), halves=False)
-    assert unknown.accuracy("C") is None and unknown.stats.count("C") == int((labels == "C").sum())
+    assert side_stats(rows, ["C"], halves=False).stats.count("C") == int((labels == "C").sum())
+    assert consistency(rows.of_class("C"), ("A", "B")) is None  # the classifier has no class C
 
 
 def test_feature_embedder_matches_direct_features(fdd_inputs) -> None:

@@ -153,7 +153,7 @@ def _load_cache(location: Location, identity: Mapping[str, Any]) -> SideStats | 
     except ValueError as error:  # not a statistics file of ours: the user pointed at it
         raise FDDError(f"{error}; delete it or point --real-stats elsewhere") from None
     _check_cache(stats, identity, location.uri)
-    return SideStats(stats, stats.meta["correct"], stats.meta["scored"])
+    return SideStats(stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,12 +287,11 @@ def _measure(config: FDDConfig, inputs: FDDInputs, out: Location,
          for (name, _), bank in zip(config.synthetic, banks[1:])},
         banks[-1].load(thumbs=True) if memorization else None,
         seed=config.seed, bootstrap_reps=config.bootstrap_reps)
-    measured = [side_stats(arrays, classes, known, halves=False) for arrays in rows.synthetic.values()]
+    measured = [side_stats(arrays, classes, halves=False) for arrays in rows.synthetic.values()]
     cache_hit = real_side is not None
     if not cache_hit:
-        real_side = side_stats(rows.real, classes, known, halves=True)
-        cache.write_bytes(real_side.stats.to_bytes(**identity, correct=real_side.correct,
-                                                   scored=real_side.scored))
+        real_side = side_stats(rows.real, classes, halves=True)
+        cache.write_bytes(real_side.stats.to_bytes(**identity))
     return real_side, measured, cache, cache_hit, rows
 
 

@@ -1,4 +1,4 @@
-"""FDD's sides: a feature bank's rows -> per-class statistics, patient halves, top-1 hits.
+"""FDD's sides: a feature bank's rows -> per-class statistics and patient halves.
 
 The features come from :mod:`cxrfactory.metrics.bank` (each image embedded once per
 classifier); a side's statistics are the exact float64 sums of ``FeatureStats`` over its rows,
@@ -7,7 +7,6 @@ keyed by class, and for the real side also by patient half (the floor).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,44 +30,28 @@ def half_of(patient_ids: Sequence[str]) -> np.ndarray:
     return stable_fraction(list(patient_ids), HALF_SALT) < 0.5
 
 
-def side_stats(rows: BankArrays, classes: Sequence[str], known: Sequence[str], *,
-               halves: bool) -> "SideStats":
-    """A side's per-class statistics (keyed ``class`` or ``class/half``) and its top-1 hits
-    among the rows whose class the classifier knows (``known``: its classes)."""
-    keep = np.isin(rows.label, list(classes))
-    rows = rows.take(keep)
-    keys = rows.label.astype(object)
+def side_stats(rows: BankArrays, classes: Sequence[str], *, halves: bool) -> "SideStats":
+    """A side's per-class statistics, keyed ``class`` or, with ``halves``, ``class/half``."""
+    rows = rows.take(np.isin(rows.label, list(classes)))
+    keys = [str(k) for k in rows.label]
     if halves:
         first = half_of(rows.patient_id)
-        keys = np.array([f"{k}/{HALVES[0] if h else HALVES[1]}" for k, h in zip(keys, first)], dtype=object)
+        keys = [f"{k}/{HALVES[0] if h else HALVES[1]}" for k, h in zip(keys, first)]
     stats = FeatureStats(dim=rows.feature.shape[1])
     if len(rows):
-        stats.update(rows.feature.astype(np.float64), [str(k) for k in keys])
-    correct, scored = Counter(), Counter()
-    for key, label, guess in zip(keys, rows.label, rows.predicted):
-        if label in known:
-            scored[str(key)] += 1
-            correct[str(key)] += int(guess == label)
-    return SideStats(stats, dict(correct), dict(scored))
+        stats.update(rows.feature.astype(np.float64), keys)
+    return SideStats(stats)
 
 
 @dataclass
 class SideStats:
-    """Merged statistics of one shard root, keyed by class (or ``class/half``)."""
+    """Merged statistics of one side, keyed by class (or ``class/half``)."""
 
     stats: FeatureStats
-    correct: dict[str, int]
-    scored: dict[str, int]
 
     def by_class(self, half: str | None = None) -> FeatureStats:
         """Statistics per class: the halves merged (exactly), or one half only."""
         return _relabel(self.stats, lambda key: _class_of(key, half))
-
-    def accuracy(self, label: str) -> float | None:
-        """Top-1 accuracy on the class's rows (None when the classifier does not know it)."""
-        keys = [k for k in self.scored if _class_of(k, None) == label]
-        scored = sum(self.scored[k] for k in keys)
-        return sum(self.correct[k] for k in keys) / scored if scored else None
 
 
 def _class_of(key: str, half: str | None) -> str | None:
