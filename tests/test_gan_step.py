@@ -278,6 +278,41 @@ def test_g_ema_batchnorm_statistics_are_its_own_only_when_standing(mode):
         GANConfig(ema_batchnorm="average")
 
 
+@pytest.mark.parametrize("norm", ["batchnorm", "conditional"])
+def test_g_ema_of_a_sync_batchnorm_generator_is_local_with_the_same_state(norm):
+    """Several GPU workers train G with SyncBatchNorm; G_ema, sampled on one rank, must not
+    wait for the others, and its state dict must load into a plain generator (the artifact)."""
+    from torch import nn
+
+    model = ModelConfig(**{**TINY.__dict__, "generator_norm": norm})
+    torch.manual_seed(0)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(build_generator(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    trainer = GANTrainer(synced, build_discriminators(model), GANConfig(d_steps_per_g=1, ema_half_life_images=0),
+                         seed=0)
+    for i in range(2):  # outside a process group SyncBatchNorm computes what BatchNorm does
+        trainer.train_step(*_batch(seed=i))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in trainer.G_ema.modules())
+    plain = build_generator(model).eval()
+    plain.load_state_dict(trainer.G_ema.state_dict())  # strict: same names, same shapes
+    c = _batch()[1]
+    z = torch.randn(6, model.z_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.sample(c, z=z)[-1], plain(z, c)[-1])
+    trainer.G_ema.train()
+    with torch.no_grad():  # and in train mode (standing statistics) it normalises by the batch
+        trainer.G_ema(z, c)
+
+
+def test_sync_batchnorm_is_on_for_several_gpu_workers_only():
+    from cxrfactory.gan.config import TrainConfig
+
+    assert TrainConfig(use_gpu=True, num_workers=4).synced_batchnorm
+    assert not TrainConfig(use_gpu=True, num_workers=4, sync_batchnorm=False).synced_batchnorm
+    assert not TrainConfig(use_gpu=True, num_workers=1).synced_batchnorm
+    assert not TrainConfig(use_gpu=False, num_workers=2, batch_size=16).synced_batchnorm
+
+
 def test_checkpoint_resumes_bit_for_bit_with_weights_only_load():
     model = TINY
     a = _trainer(d_steps_per_g=2)

@@ -31,7 +31,7 @@ from cxrfactory.models import (
     noise_for_seeds,
     to_uint8,
 )
-from cxrfactory.models.layers import SelfAttention
+from cxrfactory.models.layers import ConditionalBatchNorm, SelfAttention
 
 torch.set_num_threads(1)
 
@@ -58,6 +58,10 @@ def test_presets_load_and_paper_matches_the_paper():
     assert (paper.train.epochs, paper.train.batch_size) == (20, 16)
     # Where the paper states nothing else: no sampler, and attention as x + tau * o.
     assert (paper.train.class_balanced, paper.model.attention_gain) == (False, False)
+    # The label as printed: concatenated to z and to D's last features; BatchNorm as StackGAN++'s.
+    m = paper.model
+    assert (m.generator_norm, m.discriminator_condition, m.init) == ("batchnorm", "concat", "pytorch")
+    assert paper.gan.mismatch_weight == 0.0 and paper.train.synced_batchnorm is False
     demo = load_config("demo")
     assert demo.resolutions == [16, 32, 64]
     assert (demo.gan.lr_g, demo.gan.d_steps_per_g) == (2e-4, 1)
@@ -93,6 +97,10 @@ def test_unknown_preset_lists_the_presets():
         ({"model": {"arch": "biggan"}}, "model.arch must be one of"),
         ({"train": {"batch_size": 10, "num_workers": 4}}, "divisible"),
         ({"gan": {"betas": [0.5]}}, "2 items"),
+        ({"model": {"generator_norm": "layernorm"}}, "model.generator_norm must be one of batchnorm, conditional"),
+        ({"model": {"discriminator_condition": "acgan"}}, "model.discriminator_condition must be one of"),
+        ({"model": {"init": "xavier"}}, "model.init must be one of pytorch, stackgan"),
+        ({"train": {"sync_batchnorm": True, "num_workers": 2}}, "sync_batchnorm needs GPU workers"),
     ],
 )
 def test_config_rejects_bad_input_with_a_clear_message(data, message):
@@ -207,10 +215,13 @@ def test_d_step_with_a_real_and_a_fake_forward_under_spectral_norm():
 
 
 # ------------------------------------------------------------------------- conditioning
-@pytest.mark.parametrize("arch", ["stackgan", "cdcgan"])
-def test_the_condition_changes_every_output(arch):
+@pytest.mark.parametrize("arch, norm, head", [
+    ("stackgan", "batchnorm", "concat"), ("cdcgan", "batchnorm", "concat"),
+    ("stackgan", "conditional", "projection"), ("cdcgan", "conditional", "projection"),
+])
+def test_the_condition_changes_every_output(arch, norm, head):
     torch.manual_seed(0)
-    cfg = _tiny(arch=arch)
+    cfg = _tiny(arch=arch, generator_norm=norm, discriminator_condition=head)
     G = build_generator(cfg).eval()
     G.set_tau(1.0)
     z = torch.randn(3, cfg.model.z_dim).repeat(2, 1)
@@ -235,6 +246,86 @@ def test_later_branches_see_the_condition_directly():
         a = G.later[0](h, _onehot([0, 0]))
         b = G.later[0](h, _onehot([4, 4]))
     assert not torch.allclose(a, b)
+
+
+def test_conditional_batchnorm_is_batchnorm_at_first_and_per_class_gain_and_bias_after():
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm(4, 3)
+    x, c = torch.randn(6, 4, 5, 5), _onehot([0, 1, 2, 0, 1, 2], 3)
+    plain = F.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(cbn(x, c), plain)  # gain 1, bias 0 for every class at the start
+    with torch.no_grad():
+        cbn.gain.weight.copy_(torch.randn(4, 3))
+        cbn.bias.weight.copy_(torch.randn(4, 3))
+    out = cbn(x, c)
+    for i, k in enumerate([0, 1, 2, 0, 1, 2]):
+        g, b = 1 + cbn.gain.weight[:, k], cbn.bias.weight[:, k]
+        torch.testing.assert_close(out[i], plain[i] * g[:, None, None] + b[:, None, None])
+    vec = ConditionalBatchNorm(4, 3, dims=1)  # the first branch's fc: (B, C) inputs
+    assert vec(torch.randn(6, 4), c).shape == (6, 4)
+
+
+def test_conditional_norm_puts_the_label_into_the_first_branch():
+    """With plain BatchNorm the first branch sees c only in its input; with conditional
+    BatchNorm the same latent gives other features under another label."""
+    latent = torch.randn(4, 9 + 8)
+    outputs = {}
+    for norm in ("batchnorm", "conditional"):
+        torch.manual_seed(0)
+        G = build_generator(_tiny(generator_norm=norm, init="stackgan")).eval()
+        with torch.no_grad():
+            outputs[norm] = G.first(latent, _onehot([0, 0, 0, 0])), G.first(latent, _onehot([5, 5, 5, 5]))
+    assert torch.equal(*outputs["batchnorm"])
+    assert (outputs["conditional"][0] - outputs["conditional"][1]).abs().max() > 1e-4
+    G = build_generator(_tiny(generator_norm="conditional"))
+    plain = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert plain and all(not m.affine for m in plain)  # every BatchNorm is a conditional one's
+    assert len(plain) == sum(isinstance(m, ConditionalBatchNorm) for m in G.modules())
+
+
+def test_projection_head_is_psi_plus_the_class_embedding_times_the_pooled_features():
+    torch.manual_seed(0)
+    D = build_discriminators(_tiny(discriminator_condition="projection"))[-1].eval()
+    assert not hasattr(D, "cond_join")
+    x, c = torch.rand(5, 1, D.resolution, D.resolution) * 2 - 1, _onehot([0, 3, 3, 8, 1])
+    with torch.no_grad():
+        uncond, cond = D(x, c)
+        h = D.encode(x)
+        embedding = D.embed.weight.T  # (classes, features), spectrally normalised
+        expected = D.cond_head(h).flatten() + (embedding[[0, 3, 3, 8, 1]] * h.sum(dim=(2, 3))).sum(1)
+    torch.testing.assert_close(cond, expected)
+    torch.testing.assert_close(uncond, D.uncond_head(h).flatten())
+
+
+@pytest.mark.parametrize("arch", ["stackgan", "cdcgan"])
+def test_stackgan_init_is_orthogonal_with_converged_spectral_norm(arch):
+    torch.manual_seed(0)
+    cfg = _tiny(arch=arch, init="stackgan", generator_norm="conditional")
+    G, D = build_generator(cfg), build_discriminators(cfg)[-1].eval()
+    convs = [m for m in G.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    for m in convs:
+        w = m.weight.detach().flatten(1)
+        small = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(small, torch.eye(small.shape[0]), atol=1e-4, rtol=0)
+    gains = torch.cat([m.gain.weight.detach().flatten() for m in G.modules() if isinstance(m, ConditionalBatchNorm)])
+    assert abs(float(gains.mean())) < 0.005 and 0.015 < float(gains.std()) < 0.025
+    sn = [m for m in D.modules() if parametrize.is_parametrized(m, "weight")]
+    assert sn
+    for m in sn:
+        original = m.parametrizations.weight.original.detach().flatten(1)
+        small = original @ original.T if original.shape[0] <= original.shape[1] else original.T @ original
+        torch.testing.assert_close(small, torch.eye(small.shape[0]), atol=1e-4, rtol=0)
+        # An orthogonal weight has spectral norm 1, so the normalised weight is the weight itself
+        # only when the power iteration was restarted on it (stale u, v would misjudge sigma).
+        torch.testing.assert_close(m.weight.detach().flatten(1), original, atol=2e-3, rtol=0)
+
+
+def test_default_init_leaves_pytorchs_weights():
+    torch.manual_seed(0)
+    a = build_generator(_tiny()).state_dict()
+    torch.manual_seed(0)
+    c = build_generator(_tiny(init="stackgan")).state_dict()
+    assert a.keys() == c.keys() and not any(torch.equal(a[k], c[k]) for k in a if k.endswith("weight"))
 
 
 # ---------------------------------------------------------------------------- attention

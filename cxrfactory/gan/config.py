@@ -88,6 +88,7 @@ class TrainConfig:
     log_every_images: int = 5_000  # real images between metric lines
     num_workers: int = 1  # Ray Train workers (data-parallel replicas)
     use_gpu: bool = False  # one GPU per worker
+    sync_batchnorm: bool | None = None  # G's BatchNorm statistics over the global batch (SyncBatchNorm); None: on with several GPU workers. Off: each worker normalises over its own batch_size / num_workers images
     seed: int = 0  # seeds weights, noise and data order
 
     def __post_init__(self) -> None:
@@ -96,11 +97,25 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.sync_batchnorm and not self.use_gpu and self.num_workers > 1:
+            raise ConfigError(
+                "train.sync_batchnorm needs GPU workers (PyTorch's SyncBatchNorm runs on GPUs only): "
+                "set train.use_gpu=true, or sync_batchnorm=null to let each CPU worker normalise "
+                "over its own share of the batch"
+            )
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by "
                 f"train.num_workers={self.num_workers} (it is the global batch)"
             )
+
+
+    @property
+    def synced_batchnorm(self) -> bool:
+        """Whether G's BatchNorms run as SyncBatchNorm: as asked, else with several GPU workers."""
+        if self.num_workers < 2:
+            return False
+        return self.use_gpu if self.sync_batchnorm is None else self.sync_batchnorm
 
 
 @dataclass(frozen=True)

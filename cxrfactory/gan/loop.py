@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from cxrfactory import filenames
 from cxrfactory.errors import find_user_error
@@ -309,7 +310,12 @@ class _WorkerLoop:
 
         # Build: the same seed on every rank gives identical initial weights (DDP checks it too).
         torch.manual_seed(config.train.seed)
-        G = build_generator(config).to(self.device)
+        G = build_generator(config)
+        if config.train.synced_batchnorm:
+            # Each GPU would otherwise normalise over batch_size / num_workers images (4 at the
+            # paper's 16 on 4 GPUs); synced, every BatchNorm sees the global batch, as on one GPU.
+            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        G = G.to(self.device)
         Ds = [d.to(self.device) for d in build_discriminators(config)]
 
         # Distribute: G and every D in its own DDP. G's BatchNorm runs twice per iteration (D step

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrfactory.gan.config import GANConfig
+from cxrfactory.models.layers import local_batchnorm
 from cxrfactory.models.sampling import standing_statistics, unwrap
 from cxrfactory.gan.losses import BranchLosses, multiscale_d_loss, multiscale_g_loss, total
 
@@ -127,7 +128,9 @@ class GANTrainer:
             )
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.world_size = world_size
-        self.G_ema = copy.deepcopy(net).eval().requires_grad_(False)
+        # Local BatchNorms: G_ema is sampled and given standing statistics on one rank, where
+        # a SyncBatchNorm (train.sync_batchnorm) would wait for the other ranks.
+        self.G_ema = local_batchnorm(copy.deepcopy(net)).eval().requires_grad_(False)
         d_params = [p for d in self.Ds for p in d.parameters()]
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=config.betas)
         self.opt_d = torch.optim.Adam(d_params, lr=config.lr_d, betas=config.betas)

@@ -19,6 +19,15 @@ from cxrfactory.labels import DEFAULT_CLASSES, validate_classes
 #: The GAN architectures ``model.arch`` names.
 GAN_ARCHITECTURES = ("stackgan", "cdcgan")
 
+#: How the generator's BatchNorms treat the label (``model.generator_norm``).
+GENERATOR_NORMS = ("batchnorm", "conditional")
+
+#: How the discriminators' conditional heads read the label (``model.discriminator_condition``).
+DISCRIMINATOR_CONDITIONS = ("concat", "projection")
+
+#: Weight initialisations (``model.init``).
+INITS = ("pytorch", "stackgan")
+
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
@@ -39,10 +48,18 @@ class ModelConfig:
     attention: bool = True  # self-attention after the first branch's up-blocks
     attention_gain: bool = False  # a learnable SAGAN gain gamma (init 1) multiplies tau * attention; False: tau alone (the paper)
     channels: int = 1  # image channels (X-rays are grayscale)
+    generator_norm: str = "batchnorm"  # "batchnorm": the label enters at the input and each later branch's join (the paper); "conditional": every BatchNorm's gain and bias are per class too (SAGAN/BigGAN)
+    discriminator_condition: str = "concat"  # "concat": the one-hot tiled and joined to D's last features (the paper); "projection": inner product of a class embedding with D's pooled features (Miyato & Koyama 2018)
+    init: str = "pytorch"  # "pytorch": PyTorch's default initialisation; "stackgan": StackGAN++'s (orthogonal conv and linear weights, BatchNorm gains N(1, 0.02))
 
     def __post_init__(self) -> None:
         if self.arch not in GAN_ARCHITECTURES:
             raise ConfigError(f"model.arch must be one of {GAN_ARCHITECTURES}, got {self.arch!r}")
+        for name, allowed in (("generator_norm", GENERATOR_NORMS),
+                              ("discriminator_condition", DISCRIMINATOR_CONDITIONS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         try:
             classes = validate_classes(self.classes)
         except ValueError as err:

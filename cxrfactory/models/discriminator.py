@@ -5,8 +5,12 @@ to a 4x4 map (channels ``ndf, 2 ndf, 4 ndf, ...``), squeezes channels above ``8 
 3x3 blocks (StackGAN++'s 128/256 px nets do the same), then scores with two heads:
 
 - unconditional: 4x4 conv on the 4x4 map -> "is this a real X-ray";
-- conditional: the condition tiled over the 4x4 map and concatenated, 3x3 block, 4x4 conv
-  -> "is this a real X-ray of class c".
+- conditional, ``condition="concat"`` (the paper): the condition tiled over the 4x4 map and
+  concatenated, 3x3 block, 4x4 conv -> "is this a real X-ray of class c";
+- conditional, ``condition="projection"`` (Miyato & Koyama 2018): a 4x4 conv on the 4x4 map plus
+  the inner product of a learned class embedding with the sum-pooled map,
+  ``psi(h) + <embed(c), sum h>``. The label then scales the very features the score is made
+  of, instead of being one more input the head may learn to ignore.
 
 The conditional head can also score images again under other conditions (``mismatched``):
 StackGAN++'s "wrong" pairs, real images with a label they do not have, which teach the head
@@ -25,7 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from cxrfactory.models.config import ModelConfig
+from torch.nn.utils.parametrizations import spectral_norm
+
 from cxrfactory.models.layers import DownBlock, SNConvLeaky, sn_conv, tile_condition
+from cxrfactory.models.weight_init import initialise
 
 
 class Discriminator(nn.Module):
@@ -36,8 +43,10 @@ class Discriminator(nn.Module):
     ``M`` images under the conditions ``m``; those ``M`` scores follow the ``B`` in ``cond``.
     """
 
-    def __init__(self, resolution: int, *, ndf: int, num_classes: int, channels: int = 1) -> None:
+    def __init__(self, resolution: int, *, ndf: int, num_classes: int, channels: int = 1,
+                 condition: str = "concat") -> None:
         super().__init__()
+        assert condition in ("concat", "projection"), f"unknown condition {condition!r}"
         assert resolution >= 8 and resolution & (resolution - 1) == 0, f"bad resolution {resolution}"
         self.resolution = resolution
         self.channels = channels
@@ -52,8 +61,12 @@ class Discriminator(nn.Module):
             width //= 2
         self.encode = nn.Sequential(*blocks)
         self.features = width
+        self.condition = condition
         self.uncond_head = sn_conv(width, 1, 4, 4, 0)
-        self.cond_join = SNConvLeaky(width + num_classes, width)
+        if condition == "concat":
+            self.cond_join = SNConvLeaky(width + num_classes, width)
+        else:  # one embedding row per class, spectrally normalised as in Miyato & Koyama's code
+            self.embed = spectral_norm(nn.Linear(num_classes, width, bias=False))
         self.cond_head = sn_conv(width, 1, 4, 4, 0)
 
     def forward(self, x: Tensor, c: Tensor, mismatched: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -69,13 +82,21 @@ class Discriminator(nn.Module):
                 f"mismatched must be (M <= {x.shape[0]}, {self.num_classes}), got {tuple(mismatched.shape)}"
             )
             h, c = torch.cat([h, h[:m]]), torch.cat([c, mismatched.to(c.dtype)])
-        cond = self.cond_head(self.cond_join(torch.cat([h, tile_condition(c, h)], dim=1))).flatten()
+        if self.condition == "projection":
+            projection = (self.embed(c.to(h.dtype)) * h.sum(dim=(2, 3))).sum(dim=1)
+            cond = self.cond_head(h).flatten() + projection
+        else:
+            cond = self.cond_head(self.cond_join(torch.cat([h, tile_condition(c, h)], dim=1))).flatten()
         return uncond, cond
 
 
 def discriminators_for(config: ModelConfig) -> list[Discriminator]:
     """One discriminator per generator output, low to high resolution."""
-    return [
-        Discriminator(r, ndf=config.ndf, num_classes=config.num_classes, channels=config.channels)
+    nets = [
+        Discriminator(r, ndf=config.ndf, num_classes=config.num_classes, channels=config.channels,
+                      condition=config.discriminator_condition)
         for r in config.branch_resolutions
     ]
+    for net in nets:
+        initialise(net, config.init)
+    return nets

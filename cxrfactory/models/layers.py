@@ -5,6 +5,11 @@ comments), so the networks above only compute channel tables. Generator blocks u
 GLU as StackGAN++ does; discriminator blocks use spectral normalisation and LeakyReLU 0.2 and no
 BatchNorm (normalising statistics across the real and the fake half of a D step would leak one
 into the other, and SN already bounds the discriminator).
+
+Generator blocks given ``num_classes`` use class-conditional BatchNorm (SAGAN, BigGAN) instead:
+the label then sets every normalisation's gain and bias, so it reaches every layer rather than
+only the input. Such blocks take the condition as a second argument (``block(x, c)``); blocks
+built without it take and ignore it, so the networks call them the same way either way.
 """
 
 from __future__ import annotations
@@ -29,25 +34,110 @@ class GLU(nn.Module):
         return a * torch.sigmoid(b)
 
 
-class ConvGLU(nn.Sequential):
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose gain and bias are looked up by class: ``bn(x) * (1 + g[c]) + b[c]``.
+
+    SAGAN/BigGAN's conditional BatchNorm for a one-hot ``c`` (a linear map of a one-hot is a
+    table lookup). The normalisation itself is a plain affine-free BatchNorm kept as the child
+    ``bn``, so what handles BatchNorms (standing statistics, ``SyncBatchNorm`` conversion) finds
+    and handles it. ``g`` and ``b`` start at zero: at initialisation this is BatchNorm with gain
+    1 and bias 0, and the label's effect is learned from there. ``dims`` 1 for ``(B, C)``
+    inputs, 2 for ``(B, C, H, W)``.
+    """
+
+    takes_condition = True
+
+    def __init__(self, num_features: int, num_classes: int, *, dims: int = 2) -> None:
+        super().__init__()
+        assert dims in (1, 2), f"dims must be 1 or 2, got {dims}"
+        self.bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features, affine=False)
+        self.gain = nn.Linear(num_classes, num_features, bias=False)  # one row per class: gain - 1
+        self.bias = nn.Linear(num_classes, num_features, bias=False)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        assert c is not None, "conditional BatchNorm needs the condition c"
+        shape = (x.shape[0], -1) + (1,) * (x.ndim - 2)
+        c = c.to(x.dtype)
+        return self.bn(x) * (1 + self.gain(c).view(shape)) + self.bias(c).view(shape)
+
+
+def batch_norm(num_features: int, num_classes: int | None = None, *, dims: int = 2) -> nn.Module:
+    """BatchNorm, or :class:`ConditionalBatchNorm` when ``num_classes`` is given."""
+    if num_classes is not None:
+        return ConditionalBatchNorm(num_features, num_classes, dims=dims)
+    return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features)
+
+
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm of any input rank: what a ``SyncBatchNorm`` becomes off the process group.
+
+    ``SyncBatchNorm.convert_sync_batchnorm`` forgets whether it replaced a 1d or a 2d
+    BatchNorm, so the way back accepts both (the computation is the same).
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {input.dim()}D")
+
+
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``SyncBatchNorm`` replaced by a :class:`LocalBatchNorm`, in place.
+
+    Parameters and buffers carry over under the same names, so state dicts are unchanged. The
+    averaged generator needs this: it is evaluated and given standing statistics on one rank,
+    where a ``SyncBatchNorm`` would wait for the others.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.SyncBatchNorm):
+            local = LocalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            local.load_state_dict(child.state_dict())
+            local.train(child.training)
+            if child.affine:
+                local.weight.requires_grad_(child.weight.requires_grad)
+                local.bias.requires_grad_(child.bias.requires_grad)
+            setattr(module, name, local.to(next(child.buffers(), child.weight).device))
+        else:
+            local_batchnorm(child)
+    return module
+
+
+class CondSequential(nn.Sequential):
+    """``nn.Sequential`` that passes the condition to the members that take one.
+
+    Keeps ``nn.Sequential``'s child names (``0``, ``1``, ...), so state dicts of networks built
+    without conditional BatchNorm are the same as before it existed.
+    """
+
+    takes_condition = True
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        for module in self:
+            x = module(x, c) if getattr(module, "takes_condition", False) else module(x)
+        return x
+
+
+class ConvGLU(CondSequential):
     """3x3 conv -> BatchNorm -> GLU (StackGAN++ ``Block3x3_relu``); the join layer of a branch."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, num_classes: int | None = None) -> None:
         super().__init__(
             conv3x3(in_channels, out_channels * 2),
-            nn.BatchNorm2d(out_channels * 2),
+            batch_norm(out_channels * 2, num_classes),
             GLU(),
         )
 
 
-class UpBlock(nn.Sequential):
+class UpBlock(CondSequential):
     """Nearest-neighbour x2 -> 3x3 conv -> BatchNorm -> GLU (StackGAN++ ``upBlock``)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, num_classes: int | None = None) -> None:
         super().__init__(
             nn.Upsample(scale_factor=2, mode="nearest"),
             conv3x3(in_channels, out_channels * 2),
-            nn.BatchNorm2d(out_channels * 2),
+            batch_norm(out_channels * 2, num_classes),
             GLU(),
         )
 
@@ -55,18 +145,20 @@ class UpBlock(nn.Sequential):
 class ResBlock(nn.Module):
     """StackGAN++ residual block: conv-BN-GLU-conv-BN plus the identity."""
 
-    def __init__(self, channels: int) -> None:
+    takes_condition = True
+
+    def __init__(self, channels: int, *, num_classes: int | None = None) -> None:
         super().__init__()
-        self.body = nn.Sequential(
+        self.body = CondSequential(
             conv3x3(channels, channels * 2),
-            nn.BatchNorm2d(channels * 2),
+            batch_norm(channels * 2, num_classes),
             GLU(),
             conv3x3(channels, channels),
-            nn.BatchNorm2d(channels),
+            batch_norm(channels, num_classes),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        return x + self.body(x, c)
 
 
 class ToImage(nn.Sequential):
