@@ -91,14 +91,16 @@ def local_batchnorm(module: nn.Module) -> nn.Module:
     """
     for name, child in list(module.named_children()):
         if isinstance(child, nn.SyncBatchNorm):
+            tensors = [*child.parameters(), *child.buffers()]
             local = LocalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
+                                   child.track_running_stats,
+                                   device=tensors[0].device if tensors else None)
             local.load_state_dict(child.state_dict())
             local.train(child.training)
             if child.affine:
                 local.weight.requires_grad_(child.weight.requires_grad)
                 local.bias.requires_grad_(child.bias.requires_grad)
-            setattr(module, name, local.to(next(child.buffers(), child.weight).device))
+            setattr(module, name, local)
         else:
             local_batchnorm(child)
     return module
